@@ -1,0 +1,154 @@
+"""The ``hymirec`` command line and the entry point of every spark-submit job.
+
+Usage::
+
+    hymirec ingest | embed | fit-codebook | encode | build-sequences | train | evaluate
+            | train-content-encoder  [--profile NAME] [--set key=value ...] [--run-date D]
+    hymirec pipeline run [--from STAGE] [--to STAGE] [--force]
+    hymirec config show
+    hymirec tables
+
+Every command ends with one machine-readable line ``HYMIREC_RESULT {json}`` and exits 0
+only on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from hymirec_udfs.config import ConfigError, dump_config, load_config
+
+STAGE_COMMANDS = (
+    "ingest", "embed", "fit-codebook", "encode", "build-sequences", "train", "evaluate",
+    "train-content-encoder",
+)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", action="append", default=[],
+                        help="config profile (conf/<name>.yaml) or YAML path; repeatable, applied in order")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key (e.g. train.epochs=2); repeatable, applied last")
+    parser.add_argument("--conf-dir", default=None, help="directory of base.yaml and the profiles")
+    parser.add_argument("--run-date", default=None, help="logical run date (e.g. Airflow's {{ ds }}), recorded as a tag")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="hymirec", description="HyMiRec batch ETL on Spark")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in STAGE_COMMANDS:
+        _common(sub.add_parser(name, help=f"run the {name} stage"))
+    pipe = sub.add_parser("pipeline", help="run the stages in order")
+    pipe_sub = pipe.add_subparsers(dest="action", required=True)
+    run = pipe_sub.add_parser("run", help="run the pipeline, skipping up-to-date stages")
+    _common(run)
+    run.add_argument("--from", dest="from_stage", default=None)
+    run.add_argument("--to", dest="to_stage", default=None)
+    run.add_argument("--force", action="store_true", help="re-run stages even when up to date")
+    conf = sub.add_parser("config", help="configuration")
+    conf_sub = conf.add_subparsers(dest="action", required=True)
+    _common(conf_sub.add_parser("show", help="print the resolved configuration"))
+    _common(sub.add_parser("tables", help="list tables with version and row count"))
+    return parser
+
+
+def _profiles(args: argparse.Namespace) -> list[str]:
+    names: list[str] = []
+    for item in args.profile:
+        names.extend(p for p in item.split(",") if p)
+    if not names and os.environ.get("HYMIREC_PROFILE"):
+        names = os.environ["HYMIREC_PROFILE"].split(",")
+    return names
+
+
+def _result(payload: dict[str, Any]) -> None:
+    print("HYMIREC_RESULT " + json.dumps(payload, default=str, sort_keys=True), flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        cfg = load_config(_profiles(args), args.overrides, args.conf_dir)
+    except ConfigError as exc:
+        print(f"hymirec: configuration error: {exc}", file=sys.stderr)
+        _result({"command": args.command, "status": "failed", "error": str(exc)})
+        return 2
+
+    if args.command == "config":
+        print(dump_config(cfg))
+        return 0
+
+    from hymirec_udfs.spark import get_spark
+    from hymirec_udfs.stages import StageFailed, run_pipeline, run_stage
+
+    spark = get_spark(cfg)
+    if args.run_date:
+        os.environ["HYMIREC_RUN_DATE"] = args.run_date
+    try:
+        if args.command == "tables":
+            from hymirec_udfs.tables import get_table_store
+
+            store = get_table_store(spark, cfg)
+            print(f"{'table':<18} {'version':>8} {'rows':>12}  location   (engine: {store.engine})")
+            for info in store.list_tables():
+                version = "-" if info.version is None else str(info.version)
+                rows = "-" if info.rows is None else f"{info.rows:,}"
+                print(f"{info.name:<18} {version:>8} {rows:>12}  {info.location}")
+            return 0
+        if args.command == "pipeline":
+            jobs = run_pipeline(spark, cfg, from_stage=args.from_stage, to_stage=args.to_stage, force=args.force)
+            print(pipeline_summary(jobs, time.perf_counter() - t0))
+            _result({"command": "pipeline run", "status": "success",
+                     "stages": {j.stage: ("skipped" if j.skipped else j.status) for j in jobs},
+                     "wall_s": round(time.perf_counter() - t0, 1)})
+            return 0
+        job = run_stage(spark, cfg, args.command)
+        print(job_summary(job))
+        _result({"command": args.command, "stage": job.stage, "status": job.status, "run_id": job.run_id,
+                 "mlflow_run_id": job.mlflow_run_id, "rows": job.row_counts, "outputs": job.output_versions,
+                 "wall_s": round(job.wall_s, 1)})
+        return 0
+    except StageFailed as exc:
+        print(f"hymirec: {exc}", file=sys.stderr)
+        _result({"command": args.command, "status": "failed", "stage": exc.stage, "error": str(exc.error)})
+        return 1
+
+
+def job_summary(job: Any) -> str:
+    """Readable summary of one stage run."""
+    lines = [f"stage {job.stage}: {job.status} in {job.wall_s:.1f}s (run {job.run_id})"]
+    for name, count in job.row_counts.items():
+        lines.append(f"  {name:<24} {count:>12,}")
+    for name, version in job.output_versions.items():
+        lines.append(f"  table {name:<18} version {version}")
+    for key, value in job.summary.items():
+        if not isinstance(value, (dict, list)):
+            lines.append(f"  {key:<24} {value}")
+    return "\n".join(lines)
+
+
+def pipeline_summary(jobs: Sequence[Any], wall_s: float) -> str:
+    """Readable summary of a pipeline run."""
+    lines = ["", f"pipeline finished in {wall_s:.1f}s", f"  {'stage':<22} {'status':<8} {'wall_s':>7}  rows"]
+    for job in jobs:
+        status = "skipped" if job.skipped else job.status
+        rows = ", ".join(f"{k}={v:,}" for k, v in job.row_counts.items())
+        lines.append(f"  {job.stage:<22} {status:<8} {job.wall_s:>7.1f}  {rows}")
+    return "\n".join(lines)
+
+
+def job_main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``jobs/<stage>.py`` (spark-submit): the stage command with its options."""
+    return main([stage, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -117,6 +117,10 @@ STAGES: dict[str, StageSpec] = {
             (schemas.ITEMS, schemas.INTERACTIONS, schemas.QUARANTINE),
             ("ingest", "synthetic"), "ingest", fingerprint="hymirec_udfs.ingest:raw_fingerprint",
         ),
+        StageSpec(
+            "embed_items", "hymirec_udfs.embed_items:run", (schemas.ITEMS,),
+            (schemas.ITEM_EMBEDDINGS,), ("embed",), "embed",
+        ),
     ]
 }
 

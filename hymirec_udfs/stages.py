@@ -121,6 +121,10 @@ STAGES: dict[str, StageSpec] = {
             "embed_items", "hymirec_udfs.embed_items:run", (schemas.ITEMS,),
             (schemas.ITEM_EMBEDDINGS,), ("embed",), "embed",
         ),
+        StageSpec(
+            "build_sequences", "hymirec_udfs.sequences:run", (schemas.INTERACTIONS,),
+            (schemas.SEQUENCES,), ("sequences",), "build-sequences",
+        ),
     ]
 }
 

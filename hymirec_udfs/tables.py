@@ -145,6 +145,10 @@ class TableStore(ABC):
             return self._write(name, df, "overwrite")
         return self._merge(name, df, keys)
 
+    @abstractmethod
+    def files(self, name: str, version: Optional[int] = None) -> list[str]:
+        """Data files (URIs) of the snapshot; trainers shard these between ranks."""
+
     def read_or_empty(self, name: str) -> "DataFrame":
         """``read(name)``, or an empty DataFrame with the declared schema."""
         if self.exists(name):
@@ -216,11 +220,14 @@ class DeltaRsStore(TableStore):
             raise RuntimeError(
                 f"table '{name}' uses deletion vectors; read it with storage.engine=spark (delta-spark)"
             )
-        files = table.file_uris()
+        files = self.files(name, version)
         schema = schemas.spark_schema(name)
         if not files:
             return self.spark.createDataFrame([], schema)
         return self.spark.read.schema(schema).parquet(*files)
+
+    def files(self, name: str, version: Optional[int] = None) -> list[str]:
+        return sorted(self._table(name, version).file_uris())
 
     def _batches(self, staging: Path, target: pa.Schema) -> pa.RecordBatchReader:
         import pyarrow.dataset as ds
@@ -327,6 +334,9 @@ class SparkDeltaStore(TableStore):
         if self.use_catalog:
             return reader.table(self.location(name))
         return reader.load(self.location(name))
+
+    def files(self, name: str, version: Optional[int] = None) -> list[str]:
+        return sorted(self.read(name, version).inputFiles())
 
     def _write(self, name: str, df: "DataFrame", mode: str) -> int:
         writer = df.write.format("delta").mode(mode)

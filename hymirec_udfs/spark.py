@@ -53,7 +53,11 @@ def get_spark(
         master = cfg.spark.master if master == "local[*]" else master
         conf = {**cfg.spark.conf, **dict(conf or {})}
         local_dir = local_dir or str(cfg.work_dir / "spark-tmp")
-    builder = SparkSession.builder.appName(app_name).master(master)
+    builder = SparkSession.builder
+    if not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Not launched by spark-submit: we choose the master. Under spark-submit, its
+        # --master / --name win and must not be overridden from config.
+        builder = builder.appName(app_name).master(master)
     defaults = {
         "spark.sql.shuffle.partitions": "4",
         "spark.default.parallelism": "4",

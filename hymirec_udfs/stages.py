@@ -133,6 +133,10 @@ STAGES: dict[str, StageSpec] = {
             "build_sequences", "hymirec_udfs.sequences:run", (schemas.INTERACTIONS,),
             (schemas.SEQUENCES,), ("sequences",), "build-sequences",
         ),
+        StageSpec(
+            "train", "hymirec_udfs.train_stage:run", (schemas.SEQUENCES, schemas.ITEM_EMBEDDINGS),
+            (), ("embed", "codebook", "sequences", "model", "dmil", "train"), "train",
+        ),
     ]
 }
 

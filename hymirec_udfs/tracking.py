@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -41,7 +42,11 @@ class RunLogger:
             return
         import mlflow
 
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        clean = {
+            metric_name(k): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if clean:
             mlflow.log_metrics(clean, step=step)
 
@@ -71,6 +76,11 @@ class RunLogger:
         import mlflow
 
         mlflow.log_dict(json.loads(json.dumps(data, default=str)), name)
+
+
+def metric_name(name: str) -> str:
+    """MLflow-safe metric name (``recall@10`` -> ``recall_at_10``)."""
+    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name.replace("@", "_at_"))
 
 
 def configure_mlflow(cfg: Config) -> None:

@@ -122,6 +122,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             pa.field("target_in_catalog", pa.bool_(), nullable=False),
             pa.field("hit", pa.map_(pa.int32(), pa.bool_()), nullable=False),
             pa.field("ndcg", pa.map_(pa.int32(), pa.float64()), nullable=False),
+            pa.field("interest_diversity", pa.float64()),
         ]
     ),
     EVAL_METRICS: pa.schema(
@@ -163,6 +164,8 @@ MERGE_KEYS: dict[str, tuple[str, ...]] = {
     ITEMS: (ITEM_ID,),
     ITEM_EMBEDDINGS: (ITEM_ID, MODEL_ID),
     ITEM_CODES: (ITEM_ID,),
+    EVAL_PER_USER: ("model", "run_id", "split", USER_ID),
+    EVAL_METRICS: ("model", "run_id", "split", "k"),
 }
 
 

@@ -83,7 +83,9 @@ class StageSpec:
         config_sections: config sections whose values change the stage's result.
         cli: the ``hymirec`` sub-command.
         fingerprint: optional ``module:function(cfg) -> str`` for inputs that are not
-            tables (raw files).
+            tables (raw files, the result of an earlier stage recorded in ``job_runs``).
+        enabled: optional dotted boolean config key (``stage1.enabled``); while it is
+            false the pipeline skips the stage. Running the stage by name ignores it.
     """
 
     name: str
@@ -93,6 +95,7 @@ class StageSpec:
     config_sections: tuple[str, ...]
     cli: str
     fingerprint: str = ""
+    enabled: str = ""
 
     def function(self) -> Callable[..., StageOutput]:
         """Import the stage function (lazily, so the CLI starts fast)."""
@@ -102,6 +105,13 @@ class StageSpec:
         """Hash of the relevant config sections plus the fingerprint of raw inputs."""
         extra = _resolve(self.fingerprint)(cfg) if self.fingerprint else ""
         return cfg.section_hash(*self.config_sections) + (f"-{extra}" if extra else "")
+
+    def disabled_reason(self, cfg: Config) -> Optional[str]:
+        """Why the pipeline skips this stage (its ``enabled`` key is false), or None."""
+        if not self.enabled:
+            return None
+        section, key = self.enabled.split(".")
+        return None if getattr(getattr(cfg, section), key) else f"{self.enabled} is false"
 
 
 def _resolve(target: str) -> Callable[..., Any]:
@@ -118,8 +128,14 @@ STAGES: dict[str, StageSpec] = {
             ("ingest", "synthetic"), "ingest", fingerprint="hymirec_udfs.ingest:raw_fingerprint",
         ),
         StageSpec(
+            "train_content_encoder", "hymirec_udfs.content_encoder_training:run",
+            (schemas.ITEMS, schemas.INTERACTIONS), (), ("embed", "stage1"), "train-content-encoder",
+            fingerprint="hymirec_udfs.content_encoder_training:split_fingerprint", enabled="stage1.enabled",
+        ),
+        StageSpec(
             "embed_items", "hymirec_udfs.embed_items:run", (schemas.ITEMS,),
             (schemas.ITEM_EMBEDDINGS,), ("embed",), "embed",
+            fingerprint="hymirec_udfs.embed_items:encoder_fingerprint",
         ),
         StageSpec(
             "fit_codebook", "hymirec_udfs.codebook_stages:run_fit", (schemas.ITEM_EMBEDDINGS,),
@@ -136,6 +152,11 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "train", "hymirec_udfs.train_stage:run", (schemas.SEQUENCES, schemas.ITEM_EMBEDDINGS),
             (), ("embed", "codebook", "sequences", "model", "dmil", "train"), "train",
+        ),
+        StageSpec(
+            "evaluate", "hymirec_udfs.evaluation:run", (schemas.SEQUENCES, schemas.ITEM_EMBEDDINGS),
+            (schemas.EVAL_PER_USER, schemas.EVAL_METRICS),
+            ("embed", "codebook", "sequences", "model", "dmil", "train", "evaluate"), "evaluate",
         ),
     ]
 }
@@ -347,6 +368,11 @@ def run_pipeline(
         logger.params({"stages": ",".join(selected), "profile": cfg.profile, "force": force})
         for i, name in enumerate(selected, 1):
             spec = STAGES[name]
+            disabled = spec.disabled_reason(cfg)
+            if disabled:
+                echo(f"[{i}/{len(selected)}] {name:<22} skipped: {disabled}")
+                results.append(JobRun(name, "", "skipped", "", {}, {}, {}, {"reason": disabled}, 0.0, skipped=True))
+                continue
             try:
                 reason = None if force else up_to_date(store, cfg, spec)
             except Exception as exc:  # noqa: BLE001 - e.g. a raw input file is missing

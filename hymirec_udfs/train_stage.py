@@ -93,10 +93,21 @@ def _entry(kwargs: dict[str, Any], result_path: str) -> Optional[dict[str, Any]]
     return result
 
 
-def run_training(spark: "SparkSession", cfg: Config, ctx: StageContext, model_type: str) -> dict[str, Any]:
+def run_training(
+    spark: "SparkSession", cfg: Config, ctx: StageContext, model_type: str, *, prefix: str = "",
+    item_store: Optional["ItemStore"] = None,
+) -> dict[str, Any]:
     """Train ``model_type`` on the current sequences; returns rank 0's result.
 
     Used by the ``train`` stage and by evaluation (baselines, ablations).
+
+    Args:
+        spark: the session.
+        cfg: configuration (its model/dmil/train sections define the variant).
+        ctx: the calling stage's context (inputs are pinned and recorded there).
+        model_type: ``hymirec``, ``sasrec`` or ``hllm``.
+        prefix: MLflow name prefix, so several models can log into one run.
+        item_store: use this catalog instead of the tables' (e.g. an ablation codebook).
     """
     from pyspark.ml.torch.distributor import TorchDistributor
     from pyspark.sql import functions as F
@@ -106,10 +117,11 @@ def run_training(spark: "SparkSession", cfg: Config, ctx: StageContext, model_ty
         raise TrainStageError("table 'sequences' has no training samples: run build-sequences first")
     files = ctx.store.files(schemas.SEQUENCES, ctx.input_versions[schemas.SEQUENCES])
     need_codes = model_type == "hymirec" and cfg.model.use_codebook and cfg.model.use_light
-    store = build_item_store(ctx, cfg, need_codes=need_codes)
+    store = item_store or build_item_store(ctx, cfg, need_codes=need_codes)
 
     key = json.dumps({"type": model_type, "cfg": cfg.section_hash("sequences", "model", "dmil", "train"),
-                      "inputs": ctx.input_versions}, sort_keys=True)
+                      "inputs": ctx.input_versions, "store": prefix if item_store is not None else ""},
+                     sort_keys=True)
     run_dir = cfg.checkpoints_dir / f"{model_type}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     store_path = str(run_dir / "item_store.npz")
@@ -122,8 +134,8 @@ def run_training(spark: "SparkSession", cfg: Config, ctx: StageContext, model_ty
         metrics_path=metrics_path, max_long=cfg.sequences.max_long, recent_window=cfg.sequences.recent_window,
         chunk_items=cfg.evaluate.chunk_items, bucket_batches=cfg.train.bucket_batches,
     )
-    ctx.logger.params({"model_type": model_type, "checkpoint_dir": str(run_dir), "n_items": store.n_items,
-                       "sequence_files": len(files)})
+    ctx.logger.params({f"{prefix}model_type": model_type, f"{prefix}checkpoint_dir": str(run_dir),
+                       f"{prefix}n_items": store.n_items, f"{prefix}sequence_files": len(files)})
     for stale in run_dir.glob("result.json*"):
         stale.unlink()
     try:
@@ -136,12 +148,12 @@ def run_training(spark: "SparkSession", cfg: Config, ctx: StageContext, model_ty
             raise TrainStageError("; ".join(e.read_text() for e in errors)) from exc
         raise
     result = json.loads(Path(result_path).read_text())
-    _log_training(ctx, metrics_path, result, model_type)
+    _log_training(ctx, metrics_path, result, model_type, prefix)
     result["checkpoint_dir"] = str(run_dir)
     return result
 
 
-def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], model_type: str) -> None:
+def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], model_type: str, prefix: str) -> None:
     """Per-step/epoch metrics, the final model and its item store to the MLflow run."""
     if not ctx.logger.active:
         return
@@ -151,9 +163,9 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
         for line in Path(metrics_path).read_text().splitlines():
             record = json.loads(line)
             step = int(record.get("step", 0))
-            ctx.logger.metrics({k: v for k, v in record.items() if k not in ("step", "kind")}, step=step)
-        ctx.logger.artifact(metrics_path, "training")
-    ctx.logger.dict(result, "training/result.json")
+            ctx.logger.metrics({f"{prefix}{k}": v for k, v in record.items() if k not in ("step", "kind")}, step=step)
+        ctx.logger.artifact(metrics_path, f"{prefix}training")
+    ctx.logger.dict(result, f"{prefix}training/result.json")
     checkpoint = result.get("best_checkpoint") or result.get("last_checkpoint")
     if checkpoint:
         import mlflow.pytorch
@@ -164,12 +176,12 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
         # Pickle format: the model takes index tensors, so there is no array example to
         # trace a pt2 graph from; requirements are given so MLflow does not re-import it.
         mlflow.pytorch.log_model(
-            model, name="model", serialization_format="pickle",
+            model, name=f"{prefix.strip('.')}_model" if prefix else "model", serialization_format="pickle",
             pip_requirements=["torch", "transformers", "hymirec"],
         )
-        ctx.logger.artifact(checkpoint, "checkpoint")
-        ctx.logger.artifact(str(Path(checkpoint).parent / "item_store.npz"), "checkpoint")
-        ctx.logger.tags({"hymirec.model_type": model_type, "hymirec.checkpoint": checkpoint})
+        ctx.logger.artifact(checkpoint, f"{prefix}checkpoint")
+        ctx.logger.artifact(str(Path(checkpoint).parent / "item_store.npz"), f"{prefix}checkpoint")
+        ctx.logger.tags({f"hymirec.{prefix}model_type": model_type, f"hymirec.{prefix}checkpoint": checkpoint})
 
 
 def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
@@ -179,6 +191,7 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     return StageOutput(
         rows={"train_samples": int(result.get("train_samples", 0)), "steps": int(result.get("steps", 0))},
         summary={**numbers, "model_type": cfg.train.model_type, "stop_reason": result.get("stop_reason", ""),
-                 "checkpoint_dir": result["checkpoint_dir"]},
+                 "checkpoint_dir": result["checkpoint_dir"], "best_checkpoint": result.get("best_checkpoint"),
+                 "last_checkpoint": result.get("last_checkpoint")},
         outputs=(),
     )

@@ -46,6 +46,7 @@ $(AIRFLOW_STAMP): pipelines/airflow/constraints.txt
 demo: setup
 	$(VENV)/bin/hymirec pipeline run --profile $(PROFILE) $(ARGS)
 	$(VENV)/bin/hymirec tables --profile $(PROFILE)
+	$(VENV)/bin/hymirec report --profile $(PROFILE)
 
 test: setup airflow-venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -7,6 +7,8 @@ Usage::
     hymirec pipeline run [--from STAGE] [--to STAGE] [--force]
     hymirec config show
     hymirec tables
+    hymirec report                 (latest evaluation metrics and report path)
+    hymirec ablations              (HyMiRec and every ablation switch, paper Table 4 shape)
 
 Every command ends with one machine-readable line ``HYMIREC_RESULT {json}`` and exits 0
 only on success.
@@ -55,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     conf_sub = conf.add_subparsers(dest="action", required=True)
     _common(conf_sub.add_parser("show", help="print the resolved configuration"))
     _common(sub.add_parser("tables", help="list tables with version and row count"))
+    _common(sub.add_parser("report", help="print the latest evaluation metrics and the report path"))
+    abl = sub.add_parser("ablations", help="train and evaluate HyMiRec and every ablation switch")
+    _common(abl)
+    abl.add_argument("--variants", default="", help="comma-separated subset of variants (default: all)")
     return parser
 
 
@@ -102,6 +108,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 version = "-" if info.version is None else str(info.version)
                 rows = "-" if info.rows is None else f"{info.rows:,}"
                 print(f"{info.name:<18} {version:>8} {rows:>12}  {info.location}")
+            return 0
+        if args.command == "report":
+            from hymirec_udfs.evaluation import print_latest
+
+            print(print_latest(spark, cfg))
+            return 0
+        if args.command == "ablations":
+            from hymirec_udfs.ablations import ABLATIONS_SPEC
+
+            if args.variants:
+                os.environ["HYMIREC_ABLATION_VARIANTS"] = args.variants
+            job = run_stage(spark, cfg, ABLATIONS_SPEC)
+            print(job_summary(job))
+            _result({"command": "ablations", "status": job.status, "run_id": job.run_id,
+                     "mlflow_run_id": job.mlflow_run_id, "wall_s": round(job.wall_s, 1)})
             return 0
         if args.command == "pipeline":
             jobs = run_pipeline(spark, cfg, from_stage=args.from_stage, to_stage=args.to_stage, force=args.force)

@@ -350,3 +350,19 @@ def write_report(
         recon_cosine=recon, train_curves=curves or None, interest_diversity=diversity if len(diversity) else None,
         title=f"HyMiRec evaluation — run {ctx.run_id}",
     )
+
+
+def print_latest(spark: "SparkSession", cfg: Config) -> str:
+    """The latest evaluation's test metrics (Markdown) and report path, for ``hymirec report``."""
+    from hymirec_udfs.tables import get_table_store
+
+    store = get_table_store(spark, cfg)
+    last = last_success(store, "evaluate")
+    if last is None or not store.exists(schemas.EVAL_METRICS):
+        return "no evaluation yet: run `hymirec evaluate` (or `hymirec pipeline run`)"
+    summary = json.loads(last["summary"] or "{}")
+    lines = [f"evaluation run {last['run_id']} ({last['started_at']:%Y-%m-%d %H:%M}), split test, full-catalog ranking,"
+             f" history excluded={cfg.evaluate.exclude_history}, merge={cfg.evaluate.merge}:", ""]
+    lines.append(summary.get("metrics_table", "(no table)"))
+    lines += ["", f"report: {summary.get('report', '-')}"]
+    return "\n".join(lines)

@@ -217,7 +217,7 @@ def _record(store: TableStore, spark: "SparkSession", cfg: Config, job: JobRun, 
 def run_stage(
     spark: "SparkSession",
     cfg: Config,
-    name: str,
+    name: "str | StageSpec",
     *,
     store: Optional[TableStore] = None,
     pipeline_run_id: Optional[str] = None,
@@ -228,7 +228,7 @@ def run_stage(
     Args:
         spark: the session (from :func:`hymirec_udfs.spark.get_spark`).
         cfg: resolved configuration.
-        name: stage name or CLI name.
+        name: stage name or CLI name, or a spec outside the pipeline (e.g. ablations).
         store: table store (default: from config).
         pipeline_run_id: id of the enclosing pipeline run, recorded in ``job_runs``.
         nested: nest the MLflow run under the active one.
@@ -239,7 +239,7 @@ def run_stage(
     Raises:
         StageFailed: the stage raised (its ``job_runs`` row says ``failed``).
     """
-    spec = stage_by_cli(name)
+    spec = name if isinstance(name, StageSpec) else stage_by_cli(name)
     store = store or get_table_store(spark, cfg)
     run_id = uuid.uuid4().hex[:12]
     config_hash = "unknown"

@@ -18,66 +18,27 @@
 
 # COMMAND ----------
 
-# Outside Databricks (a laptop, the tests) there is no `dbutils`: this stand-in reads each
-# widget from the environment variable HYMIREC_WIDGET_<NAME> (e.g. HYMIREC_WIDGET_SET),
-# falling back to the widget's default. On Databricks this cell does nothing.
+# Outside Databricks (a laptop, the tests) there is no `dbutils`: the package's stand-in
+# reads each widget from the environment variable HYMIREC_WIDGET_<NAME>.
 if "dbutils" not in globals():
-    import os as _os
+    from hymirec_udfs.notebook import LocalDbutils, display
 
-    class _LocalWidgets:
-        """The slice of `dbutils.widgets` these notebooks use."""
-
-        def __init__(self) -> None:
-            self._values: dict[str, str] = {}
-
-        def text(self, name: str, default: str = "", label: str = "") -> None:
-            self._values.setdefault(name, _os.environ.get(f"HYMIREC_WIDGET_{name.upper()}", default))
-
-        def dropdown(self, name: str, default: str, choices: list, label: str = "") -> None:
-            self.text(name, default, label)
-
-        def get(self, name: str) -> str:
-            return self._values[name]
-
-    class _LocalDbutils:
-        widgets = _LocalWidgets()
-
-    dbutils = _LocalDbutils()
-
-if "display" not in globals():
-    def display(obj) -> None:
-        """Local stand-in for Databricks' display()."""
-        if hasattr(obj, "show"):
-            obj.show(truncate=False)
-        else:
-            print(obj)
+    dbutils = LocalDbutils()
 
 # COMMAND ----------
 
-dbutils.widgets.text("profile", "databricks", "Config profile(s)")
-dbutils.widgets.text("set", "", "Overrides key=value (newline or ; separated)")
-dbutils.widgets.text("run_date", "", "Run date (YYYY-MM-DD)")
+from hymirec_udfs.notebook import config_from_widgets, declare_common_widgets
 
-import os
-import re
+declare_common_widgets(dbutils)
 
-profile = dbutils.widgets.get("profile")
-set_text = dbutils.widgets.get("set").strip()
-# One override per line; on a single line, `;` separates them (a value holding `;` needs the
-# one-per-line form).
-overrides = [item.strip() for item in re.split(r"\n" if "\n" in set_text else ";", set_text) if item.strip()]
-run_date = dbutils.widgets.get("run_date")
-if run_date:
-    os.environ["HYMIREC_RUN_DATE"] = run_date  # recorded as a tag, as `--run-date` does
+cfg = config_from_widgets(dbutils)
 
 # COMMAND ----------
 
 from hymirec_udfs.cli import job_summary
-from hymirec_udfs.config import load_config
 from hymirec_udfs.spark import get_spark
 from hymirec_udfs.stages import run_stage
 
-cfg = load_config(profile, overrides)
 spark = get_spark(cfg)  # on Databricks: the cluster's session
 job = run_stage(spark, cfg, "encode_items")
 

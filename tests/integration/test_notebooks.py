@@ -70,23 +70,25 @@ def test_notebook_is_databricks_source_opening_with_its_widgets(path: Path) -> N
     assert namespace["dbutils"].widgets is widgets
     assert list(widgets.declared) == documented
     assert widgets.declared["profile"] == "databricks"
-    assert namespace["overrides"] == [] and namespace["run_date"] == ""
+    assert namespace["cfg"].profile == "databricks" and namespace["cfg"].storage.catalog == "main"
     # The last code cells call the library, nothing else of substance.
     body = "".join(cells[3:])
     assert ("run_stage(spark, cfg, " in body) != ("run_pipeline(spark, cfg" in body)
 
 
 def test_set_widget_accepts_lines_or_semicolons(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hymirec_udfs.notebook import parse_overrides
+
+    assert parse_overrides("a.b=1; c.d=x\n") == ["a.b=1", "c.d=x"]
+    assert parse_overrides("ingest.text_template=['A; {title}']\ntrain.epochs=2") == [
+        "ingest.text_template=['A; {title}']", "train.epochs=2"]
     cells = _cells(NOTEBOOKS / "01_ingest.py")
-    for text, expected in (
-        ("a.b=1; c.d=x\n", ["a.b=1", "c.d=x"]),
-        ("ingest.text_template=['A; {title}']\ntrain.epochs=2", ["ingest.text_template=['A; {title}']", "train.epochs=2"]),
-    ):
-        monkeypatch.setenv("HYMIREC_WIDGET_SET", text)
-        namespace: dict[str, Any] = {}
-        for i, cell in enumerate(cells[1:3], 1):
-            exec(compile(cell, f"01_ingest.py[cell {i}]", "exec"), namespace)
-        assert namespace["overrides"] == expected
+    monkeypatch.setenv("HYMIREC_WIDGET_PROFILE", "local")
+    monkeypatch.setenv("HYMIREC_WIDGET_SET", "ingest.text_template=['A; {title}']\ntrain.epochs=2")
+    namespace: dict[str, Any] = {}
+    for i, cell in enumerate(cells[1:3], 1):
+        exec(compile(cell, f"01_ingest.py[cell {i}]", "exec"), namespace)
+    assert namespace["cfg"].train.epochs == 2 and namespace["cfg"].ingest.text_template == ["A; {title}"]
 
 
 @pytest.mark.spark
@@ -106,7 +108,7 @@ def test_ingest_notebook_runs_locally_on_ml100k(spark, tmp_path: Path, monkeypat
     for i, cell in enumerate(_cells(path)):
         exec(compile(cell, f"{path.name}[cell {i}]", "exec"), namespace)
 
-    assert type(namespace["dbutils"]).__name__ == "_LocalDbutils"
+    assert type(namespace["dbutils"]).__name__ == "LocalDbutils"
     assert namespace["spark"] is spark  # get_spark reused the active session
     job = namespace["job"]
     assert job.stage == "ingest" and job.status == "success"

@@ -7,6 +7,7 @@ argument, and jobs, notebooks, the CLI and tests get it from :func:`get_spark`.
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,6 +59,10 @@ def get_spark(
         # Not launched by spark-submit: we choose the master. Under spark-submit, its
         # --master / --name win and must not be overridden from config.
         builder = builder.appName(app_name).master(master)
+        # Python workers must run this interpreter (the venv with pandas/torch), not
+        # whatever `python3` comes first on PATH.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     defaults = {
         "spark.sql.shuffle.partitions": "4",
         "spark.default.parallelism": "4",

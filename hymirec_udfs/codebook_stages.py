@@ -38,7 +38,7 @@ def current_embeddings(ctx: StageContext, cfg: Config) -> "DataFrame":
 
     from hymirec_udfs.embed_items import current_model_id
 
-    model_id = current_model_id(cfg.embed)
+    model_id = current_model_id(cfg.embed, ctx.store, cfg.stage1)
     df = ctx.read(schemas.ITEM_EMBEDDINGS).where(F.col("model_id") == model_id)
     if df.limit(1).count() == 0:
         raise CodebookStageError(

@@ -6,29 +6,55 @@ item only, and a new model (other weights, pooling or token limit) re-embeds eve
 Rows of other models are dropped (``embed.on_model_change: replace``) or kept beside the
 new ones (``keep``); every reader filters on the current model id, so models never mix.
 All new rows land in one Delta commit: a failed run (a NaN from the model fails its
-task) leaves the table exactly as it was.
+task) leaves the table exactly as it was. With ``stage1.enabled`` the encoder is the one the
+latest successful ``train_content_encoder`` run saved (found through ``job_runs``), so a new
+stage-1 result is a new model id and re-embeds the catalog.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from hymirec_udfs import schemas
-from hymirec_udfs.config import Config, EmbedConfig
+from hymirec_udfs.config import Config, EmbedConfig, Stage1Config
 from hymirec_udfs.stages import StageContext, StageOutput
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
 
+    from hymirec_udfs.tables import TableStore
 
-def encoder_settings(cfg: EmbedConfig) -> dict[str, Any]:
-    """ContentEncoder keyword arguments from the ``embed`` config section."""
+
+def encoder_settings(
+    cfg: EmbedConfig, store: Optional["TableStore"] = None, stage1: Optional[Stage1Config] = None
+) -> dict[str, Any]:
+    """ContentEncoder keyword arguments from the ``embed`` config section.
+
+    Args:
+        cfg: the ``embed`` section.
+        store: the table store; needed when ``stage1.enabled`` (the fine-tuned encoder is
+            found through ``job_runs``).
+        stage1: the ``stage1`` section; when enabled, the model is the encoder of the
+            latest successful ``train_content_encoder`` run instead of ``cfg.model``.
+
+    Raises:
+        ValueError: ``stage1.enabled`` without a store.
+        ContentEncoderTrainingError: stage 1 is enabled but has no usable result.
+    """
     from hymirec_udfs.embedding import resolve_model_path
 
+    if stage1 is not None and stage1.enabled:
+        if store is None:
+            raise ValueError("stage1.enabled: pass the table store to find the fine-tuned content encoder")
+        from hymirec_udfs.content_encoder_training import trained_encoder
+
+        model_path = trained_encoder(store, cfg).path
+    else:
+        model_path = resolve_model_path(cfg.model)
     return {
-        "model_path": resolve_model_path(cfg.model),
+        "model_path": model_path,
         "pooling": cfg.pooling,
         "max_tokens": cfg.max_tokens,
         "token_budget": cfg.token_budget,
@@ -40,12 +66,38 @@ def encoder_settings(cfg: EmbedConfig) -> dict[str, Any]:
     }
 
 
-def current_model_id(cfg: EmbedConfig) -> str:
-    """``model_id`` of the configured encoder (name + hash of config, weights, pooling)."""
+def current_model_id(
+    cfg: EmbedConfig, store: Optional["TableStore"] = None, stage1: Optional[Stage1Config] = None
+) -> str:
+    """``model_id`` of the configured encoder (name + hash of config, weights, pooling).
+
+    With ``stage1`` enabled (and the store given) it is the id of the fine-tuned encoder;
+    see :func:`encoder_settings`.
+    """
     from hymirec_udfs.embedding import compute_model_id
 
-    settings = encoder_settings(cfg)
+    settings = encoder_settings(cfg, store, stage1)
     return compute_model_id(settings["model_path"], cfg.pooling, cfg.max_tokens, cfg.item_token or None)
+
+
+def encoder_fingerprint(cfg: Config) -> str:
+    """The stage-1 encoder the embed stage would use, for the pipeline's skip check.
+
+    Empty while ``stage1.enabled`` is false (the config hash alone decides); otherwise the
+    fine-tuned encoder's model id, so a new stage-1 result makes the embed stage run again.
+    Called from the driver, where the pipeline's Spark session is active.
+    """
+    if not cfg.stage1.enabled:
+        return ""
+    from pyspark.sql import SparkSession
+
+    from hymirec_udfs.content_encoder_training import trained_encoder
+    from hymirec_udfs.tables import get_table_store
+
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        raise RuntimeError("encoder_fingerprint needs the active Spark session (it reads job_runs)")
+    return f"stage1-{trained_encoder(get_table_store(spark, cfg), cfg.embed).model_id}"
 
 
 def items_to_embed(items: "DataFrame", existing: "DataFrame", model_id: str) -> tuple["DataFrame", "DataFrame"]:
@@ -72,15 +124,16 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     """Embed new and changed items with the configured content encoder."""
     from pyspark.sql import functions as F
 
-    from hymirec_udfs.embedding import make_embed_udf
+    from hymirec_udfs.embedding import compute_model_id, make_embed_udf
 
     items = ctx.read(schemas.ITEMS)
     # The stage's own output is read, not recorded as an input: the pipeline's skip
     # check compares it against the version this stage wrote.
     existing = ctx.store.read_or_empty(schemas.ITEM_EMBEDDINGS)
-    settings = encoder_settings(cfg.embed)
-    model_id = current_model_id(cfg.embed)
-    ctx.logger.tags({"embed.model_id": model_id})
+    settings = encoder_settings(cfg.embed, ctx.store, cfg.stage1)
+    model_id = compute_model_id(settings["model_path"], cfg.embed.pooling, cfg.embed.max_tokens,
+                                cfg.embed.item_token or None)
+    ctx.logger.tags({"embed.model_id": model_id, "embed.model_path": settings["model_path"]})
 
     todo, empty = items_to_embed(items, existing, model_id)
     todo = todo.cache()

@@ -151,7 +151,7 @@ def job_summary(job: Any) -> str:
     for name, version in job.output_versions.items():
         lines.append(f"  table {name:<18} version {version}")
     for key, value in job.summary.items():
-        if not isinstance(value, (dict, list)):
+        if not isinstance(value, (dict, list)) and "\n" not in str(value):
             lines.append(f"  {key:<24} {value}")
     return "\n".join(lines)
 

@@ -341,7 +341,8 @@ def write_report(
                     curves.setdefault(f"{name} val_ndcg@10", []).append((rec["step"], rec["val_ndcg@10"]))
     diversity = (
         ctx.store.read(schemas.EVAL_PER_USER)
-        .where((F.col("model") == cfg.train.model_type) & (F.col("split") == "test") & F.col("interest_diversity").isNotNull())
+        .where((F.col("run_id") == models[cfg.train.model_type][1]) & (F.col("split") == "test")
+               & F.col("interest_diversity").isNotNull())
         .select("interest_diversity").toArrow().column(0).to_numpy()
     )
     out_dir = cfg.reports_dir / ctx.run_id

@@ -68,6 +68,8 @@ from hymirec_udfs.config import Config, EmbedConfig, SequencesConfig, Stage1Conf
 from hymirec_udfs.dmil import dmil_loss, sample_negatives
 from hymirec_udfs.stages import StageContext, StageOutput, last_success
 from hymirec_udfs.training import (
+    all_gather_obj,
+    all_reduce_,
     NonFiniteLossError,
     WarmupCosine,
     _atomic_save,
@@ -93,7 +95,6 @@ LAST_CHECKPOINT = "last.pt"
 ENCODER_DIR = "encoder"
 CATALOG_DIR = "catalog"
 WINDOWS_DIR = "windows"
-RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 # Written next to the saved checkpoint; not one of the files compute_model_id hashes.
 ENCODER_INFO_FILE = "hymirec_stage1.json"
@@ -669,18 +670,6 @@ def _train_loop(
 
     distributed = world > 1
 
-    def all_reduce_(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
-        if distributed:
-            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-        return tensor
-
-    def all_gather_obj(obj: Any) -> list[Any]:
-        if not distributed:
-            return [obj]
-        out: list[Any] = [None] * world
-        dist.all_gather_object(out, obj)
-        return out
-
     catalog_ids, texts = load_catalog(catalog_files)
     if not catalog_ids:
         raise ContentEncoderTrainingError(f"the stage-1 catalog is empty (files {catalog_files[:3]})")
@@ -861,19 +850,6 @@ def _train_loop(
 # The stage -------------------------------------------------------------------------------
 
 
-def _entry(kwargs: dict[str, Any], result_path: str) -> Optional[dict[str, Any]]:
-    """What each TorchDistributor process runs; rank 0 writes the result, a failing rank its error."""
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        result = train_content_encoder(**kwargs)
-    except BaseException as exc:
-        Path(f"{result_path}.rank{rank}.error").write_text(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
-    if rank == 0:
-        Path(result_path).write_text(json.dumps(result, default=str))
-    return result
-
-
 def split_fingerprint(cfg: Config) -> str:
     """The held-out split the windows respect (a stage input beyond its config sections)."""
     seq = cfg.sequences
@@ -904,7 +880,7 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
             training rank failed (each failed rank's error named, e.g. a NaN loss with its step
             and last good checkpoint).
     """
-    from pyspark.ml.torch.distributor import TorchDistributor
+    from hymirec_udfs.train_stage import DistributedRunError, run_distributed
     from pyspark.sql import functions as F
 
     from hymirec_udfs.embedding import compute_model_id, resolve_model_path
@@ -943,7 +919,6 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
             f"no stage-1 windows: no user has {MIN_WINDOW_ITEMS} interactions with items that have text once "
             f"{held_out} are held out")
 
-    result_path = run_dir / RESULT_FILE
     metrics_path = run_dir / METRICS_FILE
     encoder_dir = run_dir / ENCODER_DIR
     kwargs = dict(
@@ -954,17 +929,10 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     )
     ctx.logger.params({"stage1_checkpoint_dir": str(run_dir), "stage1_windows": n_windows, "n_items": n_items,
                        "base_model_id": base_model_id})
-    for stale in run_dir.glob(f"{RESULT_FILE}*"):
-        stale.unlink()
     try:
-        TorchDistributor(num_processes=cfg.train.num_processes, local_mode=cfg.train.local_mode,
-                         use_gpu=cfg.train.use_gpu).run(_entry, kwargs, str(result_path))
-    except Exception as exc:
-        errors = sorted(run_dir.glob(f"{RESULT_FILE}.rank*.error"))
-        if errors:
-            raise ContentEncoderTrainingError("; ".join(e.read_text() for e in errors)) from exc
-        raise
-    result = json.loads(result_path.read_text())
+        result = run_distributed("hymirec_udfs.content_encoder_training:train_content_encoder", kwargs, run_dir, cfg)
+    except DistributedRunError as exc:
+        raise ContentEncoderTrainingError(str(exc)) from exc
     encoder_path = result["encoder_path"]
     model_id = compute_model_id(encoder_path, emb.pooling, emb.max_tokens, emb.item_token or None)
     losses = _losses(metrics_path)

@@ -74,23 +74,54 @@ def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True)
     return ItemStore(ids, embeddings, codes, coefs, centroids, codebook_metric=str(book.metric))
 
 
-def _entry(kwargs: dict[str, Any], result_path: str) -> Optional[dict[str, Any]]:
-    """What each TorchDistributor process runs: train, and rank 0 writes the result.
+class DistributedRunError(RuntimeError):
+    """A TorchDistributor rank failed; the message carries each failing rank's error."""
+
+
+def _entry(target: str, kwargs: dict[str, Any], result_path: str) -> Optional[dict[str, Any]]:
+    """What each TorchDistributor process runs: ``target(**kwargs)``; rank 0 writes the result.
 
     A rank that raises writes its error next to the result, so the driver can report the
     real cause (TorchDistributor itself only says that a child failed).
     """
-    from hymirec_udfs.training import train
+    import importlib
 
+    module, name = target.split(":")
     rank = int(os.environ.get("RANK", "0"))
     try:
-        result = train(**kwargs)
+        result = getattr(importlib.import_module(module), name)(**kwargs)
     except BaseException as exc:
         Path(f"{result_path}.rank{rank}.error").write_text(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise
     if rank == 0:
         Path(result_path).write_text(json.dumps(result, default=str))
     return result
+
+
+def run_distributed(target: str, kwargs: dict[str, Any], run_dir: Path, cfg: Config) -> dict[str, Any]:
+    """Run ``module:function(**kwargs)`` on ``train.num_processes`` TorchDistributor ranks.
+
+    Returns:
+        Rank 0's result (a JSON-serialisable dict).
+
+    Raises:
+        DistributedRunError: a rank raised; the message names the rank and its error.
+    """
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    result_path = run_dir / "result.json"
+    for stale in run_dir.glob("result.json*"):
+        stale.unlink()
+    try:
+        TorchDistributor(
+            num_processes=cfg.train.num_processes, local_mode=cfg.train.local_mode, use_gpu=cfg.train.use_gpu
+        ).run(_entry, target, kwargs, str(result_path))
+    except Exception as exc:
+        errors = sorted(run_dir.glob("result.json.rank*.error"))
+        if errors:
+            raise DistributedRunError("; ".join(e.read_text() for e in errors)) from exc
+        raise
+    return json.loads(result_path.read_text())
 
 
 def run_training(
@@ -109,7 +140,6 @@ def run_training(
         prefix: MLflow name prefix, so several models can log into one run.
         item_store: use this catalog instead of the tables' (e.g. an ablation codebook).
     """
-    from pyspark.ml.torch.distributor import TorchDistributor
     from pyspark.sql import functions as F
 
     seqs = ctx.read(schemas.SEQUENCES)
@@ -127,7 +157,6 @@ def run_training(
     store_path = str(run_dir / "item_store.npz")
     store.save(store_path)
     metrics_path = str(run_dir / "metrics.jsonl")
-    result_path = str(run_dir / "result.json")
     kwargs = dict(
         model_type=model_type, model_cfg=cfg.model, dmil_cfg=cfg.dmil, train_cfg=cfg.train,
         item_store_path=store_path, train_files=files, valid_files=files, checkpoint_dir=str(run_dir),
@@ -136,18 +165,7 @@ def run_training(
     )
     ctx.logger.params({f"{prefix}model_type": model_type, f"{prefix}checkpoint_dir": str(run_dir),
                        f"{prefix}n_items": store.n_items, f"{prefix}sequence_files": len(files)})
-    for stale in run_dir.glob("result.json*"):
-        stale.unlink()
-    try:
-        TorchDistributor(
-            num_processes=cfg.train.num_processes, local_mode=cfg.train.local_mode, use_gpu=cfg.train.use_gpu
-        ).run(_entry, kwargs, result_path)
-    except Exception as exc:
-        errors = sorted(run_dir.glob("result.json.rank*.error"))
-        if errors:
-            raise TrainStageError("; ".join(e.read_text() for e in errors)) from exc
-        raise
-    result = json.loads(Path(result_path).read_text())
+    result = run_distributed("hymirec_udfs.training:train", kwargs, run_dir, cfg)
     _log_training(ctx, metrics_path, result, model_type, prefix)
     result["checkpoint_dir"] = str(run_dir)
     return result

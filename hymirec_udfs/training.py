@@ -711,6 +711,26 @@ def train(
             dist.destroy_process_group()
 
 
+def all_reduce_(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """In-place all-reduce (SUM by default) across ranks; a no-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_obj(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (``[obj]`` in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _train_loop(
     *,
     model_type: str,
@@ -734,18 +754,6 @@ def _train_loop(
     from torch.nn.parallel import DistributedDataParallel
 
     distributed = world > 1
-
-    def all_reduce_(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
-        if distributed:
-            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-        return tensor
-
-    def all_gather_obj(obj: Any) -> list[Any]:
-        if not distributed:
-            return [obj]
-        out: list[Any] = [None] * world
-        dist.all_gather_object(out, obj)
-        return out
 
     seed = train_cfg.seed
     random.seed(seed + rank)

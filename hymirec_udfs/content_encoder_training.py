@@ -70,10 +70,10 @@ from hymirec_udfs.stages import StageContext, StageOutput, last_success
 from hymirec_udfs.training import (
     all_gather_obj,
     all_reduce_,
+    ddp_process,
     NonFiniteLossError,
     WarmupCosine,
     _atomic_save,
-    _env_int,
     _rng_state,
     _set_rng_state,
     _truncate_metrics,
@@ -619,35 +619,12 @@ def train_content_encoder(
             last good checkpoint).
         ValueError: the checkpoint directory holds a run with other settings.
     """
-    import torch.distributed as dist
-
-    rank = _env_int("RANK", 0)
-    world = _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world)
-    if train_cfg.use_gpu:
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.use_gpu is true but CUDA is not available")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    own_group = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if train_cfg.use_gpu else "gloo", rank=rank, world_size=world)
-        own_group = True
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(train_cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    try:
+    with ddp_process(train_cfg) as (rank, world, device):
         return _train_loop(
             embed_cfg=embed_cfg, stage1_cfg=stage1_cfg, train_cfg=train_cfg, temperature=temperature,
             catalog_files=list(catalog_files), window_files=list(window_files), checkpoint_dir=checkpoint_dir,
             output_dir=output_dir, metrics_path=metrics_path, rank=rank, world=world, device=device,
         )
-    finally:
-        torch.set_num_threads(prev_threads)
-        if own_group:
-            dist.destroy_process_group()
 
 
 def _train_loop(

@@ -23,6 +23,7 @@ same schedule as one run to K2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -665,8 +666,6 @@ def train(
         KeyError: a sequence names an item missing from the item store.
         NonFiniteLossError: the loss became NaN/Inf.
     """
-    import torch.distributed as dist
-
     model_cfg = model_cfg or ModelConfig()
     dmil_cfg = dmil_cfg or DmilConfig()
     train_cfg = train_cfg or TrainConfig()
@@ -676,28 +675,7 @@ def train(
     if not train_files:
         raise ValueError("train_files is empty: no sequences files to train on")
 
-    rank = _env_int("RANK", 0)
-    world = _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world)
-    distributed = world > 1
-    own_group = False
-    if train_cfg.use_gpu:
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.use_gpu is true but CUDA is not available")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if train_cfg.use_gpu else "gloo", rank=rank, world_size=world)
-        own_group = True
-    prev_threads = torch.get_num_threads()
-    # Oversubscribed OpenMP threads spin against each other: on a busy 2-core machine a
-    # tiny matmul went from 2 ms to 100 ms with 2 threads instead of 1.
-    torch.set_num_threads(train_cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
-
-    try:
+    with ddp_process(train_cfg) as (rank, world, device):
         return _train_loop(
             model_type=model_type, model_cfg=model_cfg, dmil_cfg=dmil_cfg, train_cfg=train_cfg,
             item_store_path=item_store_path, train_files=list(train_files), valid_files=list(valid_files),
@@ -705,8 +683,44 @@ def train(
             recent_window=recent_window, chunk_items=chunk_items, bucket_batches=bucket_batches, rank=rank,
             world=world, device=device,
         )
+
+
+@contextlib.contextmanager
+def ddp_process(train_cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
+    """Set up this process as one DDP rank (from TorchDistributor/torchrun's environment).
+
+    Picks the device (the local GPU with ``train.use_gpu``), joins the process group
+    (gloo on CPU, nccl on GPU) unless one exists, and sets the torch thread count; all of
+    it is undone on exit, because the caller's process may go on (tests, single-process).
+
+    Yields:
+        ``(rank, world_size, device)``.
+    """
+    import torch.distributed as dist
+
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    if train_cfg.use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.use_gpu is true but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    own_group = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if train_cfg.use_gpu else "gloo", rank=rank, world_size=world)
+        own_group = True
+    prev_threads = torch.get_num_threads()
+    # Oversubscribed OpenMP threads spin against each other: on a busy 2-core machine a
+    # tiny matmul went from 2 ms to 100 ms with 2 threads instead of 1.
+    torch.set_num_threads(train_cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    try:
+        yield rank, world, device
     finally:
-        torch.set_num_threads(prev_threads)  # train() may run inside a caller's process
+        torch.set_num_threads(prev_threads)
         if own_group:
             dist.destroy_process_group()
 

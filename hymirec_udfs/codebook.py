@@ -41,8 +41,9 @@ DEFAULT_CHUNK_SIZE = 65536
 # Candidates kept per point for the capacity fill. Points whose candidates all fill up
 # go through the exact fallback (re-scored against the clusters with room), so this only
 # trades top-k cost against fallback size, never correctness. At N=200k, D=384, k=256
-# (slack 1.0) 2, 3, 4 and 6 reached the same objective within 0.002 and 4 was fastest,
-# with ~15 % of the points taking the fallback.
+# (slack 1.0) 2, 3, 4 and 6 reached the same objective within 0.002 at the same speed
+# within noise (1 loses 0.005: without a second score there is no regret to order by);
+# with 4, ~15 % of the points take the fallback.
 DEFAULT_CANDIDATES = 4
 # The k-means++ seeding runs on a sample of this many points per centroid: seeding is k
 # sequential passes, so on all n points it would cost as much as a whole Lloyd iteration
@@ -64,8 +65,8 @@ _CPU_SCORE_BLOCK = 8192
 # Largest k-means++ sample whose Gram matrix is precomputed (4096^2 float32 = 67 MB).
 _GRAM_MAX_SAMPLE = 4096
 # Candidates per point when leftovers are re-scored against the clusters with room. 8 was
-# the fastest of 8 and 32 (m = 4 main candidates) at the same objective: a wider list
-# saves re-scoring phases but its top-k costs more than the phases it saves.
+# faster than 16 and 32 at the same objective: a wider list saves re-scoring phases but
+# its top-k costs more than the phases it saves.
 _FALLBACK_CANDIDATES = 8
 
 DeviceLike = Union[str, torch.device, None]
@@ -439,13 +440,12 @@ def _top_candidates(
     m: int,
     out_score: torch.Tensor,
     out_idx: torch.Tensor,
-    closed: torch.Tensor | None = None,
 ) -> None:
     """Write each row's ``m`` best scores and centroid ids into the ``out_*`` tensors.
 
     On CPU the rows are scored in blocks of ``_CPU_SCORE_BLOCK`` so the block's score
     matrix stays in cache between the matmul and the top-m; on a GPU the whole chunk is
-    one block. ``closed`` (bool, k) excludes full clusters.
+    one block.
     """
     block = rows.shape[0] if rows.device.type != "cpu" else _CPU_SCORE_BLOCK
     # One score buffer reused across blocks: a fresh multi-MB allocation per block costs
@@ -454,8 +454,6 @@ def _top_candidates(
     for start in range(0, rows.shape[0], block):
         stop = min(start + block, rows.shape[0])
         s = _scores(rows[start:stop], centroids, half_sq, out=buffer[: stop - start])
-        if closed is not None:
-            s[:, closed] = -torch.inf
         if m == 1:
             out_score[start:stop], out_idx[start:stop] = s.max(dim=1, keepdim=True)
         else:
@@ -745,20 +743,24 @@ def _lloyd(
             assert capacity is not None
 
             def rescore(points: torch.Tensor, open_clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                width = min(max(m, _FALLBACK_CANDIDATES), int(open_clusters.sum()))
+                # Only the clusters with room are scored: by the time points fall back
+                # most clusters are full, so this matmul is a fraction of a full one.
+                open_ids = torch.nonzero(open_clusters).flatten()
+                open_centroids = centroids[open_ids]
+                open_half_sq = None if half_sq is None else half_sq[open_ids]
+                width = min(max(m, _FALLBACK_CANDIDATES), open_ids.numel())
                 out_idx = torch.empty((points.numel(), width), dtype=torch.long, device=device)
                 out_score = torch.empty((points.numel(), width), dtype=torch.float32, device=device)
                 for start, stop in _chunks(points.numel(), chunk_size):
                     _top_candidates(
                         _load_rows(x, points[start:stop], device, inv_norms),
-                        centroids,
-                        half_sq,
+                        open_centroids,
+                        open_half_sq,
                         width,
                         out_score[start:stop],
                         out_idx[start:stop],
-                        closed=~open_clusters,
                     )
-                return out_idx, out_score
+                return open_ids[out_idx], out_score
 
             new_assignment, assigned_score = _capacity_assign(cand_idx, cand_score, capacity, k, rescore)
         else:

@@ -70,6 +70,7 @@ from hymirec_udfs.stages import StageContext, StageOutput, last_success
 from hymirec_udfs.training import (
     all_gather_obj,
     all_reduce_,
+    append_metrics,
     ddp_process,
     NonFiniteLossError,
     WarmupCosine,
@@ -725,9 +726,8 @@ def _train_loop(
         _truncate_metrics(metrics_path, state.step)
 
     def log(record: dict[str, Any]) -> None:
-        if rank == 0 and metrics_path:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        if rank == 0:
+            append_metrics(metrics_path, record)
 
     def save() -> None:
         nonlocal last_good

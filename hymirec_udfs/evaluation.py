@@ -320,15 +320,14 @@ def write_report(
         if r["split"] == "test":
             metrics_by_model.setdefault(r["model"], {})[f"recall@{r['k']}"] = r["recall"]
             metrics_by_model[r["model"]][f"ndcg@{r['k']}"] = r["ndcg"]
-    sizes = None
+    sizes, recon = None, None
     if ctx.store.exists(schemas.ITEM_CODES):
-        codes = ctx.store.read(schemas.ITEM_CODES).select(F.posexplode("codes").alias("layer", "code"))
-        counts = codes.groupBy("layer", "code").count().collect()
-        layers = sorted({r["layer"] for r in counts})
-        sizes = [np.array(sorted((r["count"] for r in counts if r["layer"] == layer), reverse=True)) for layer in layers]
-    recon = None
-    if ctx.store.exists(schemas.ITEM_CODES):
-        recon = ctx.store.read(schemas.ITEM_CODES).select("recon_cosine").toArrow().column(0).to_numpy()
+        # One read of item_codes for both plots: N x (L + 1) small numbers.
+        table = ctx.store.read(schemas.ITEM_CODES).select("codes", "recon_cosine").toArrow()
+        recon = table.column("recon_cosine").to_numpy()
+        flat = table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        codes = flat.reshape(table.num_rows, -1) if table.num_rows else flat.reshape(0, 0)
+        sizes = [np.sort(np.bincount(codes[:, layer]))[::-1] for layer in range(codes.shape[1])]
     curves: dict[str, list[tuple[int, float]]] = {}
     for name, (checkpoint, _) in models.items():
         path = Path(checkpoint).parent / "metrics.jsonl"

@@ -854,9 +854,8 @@ def _train_loop(
         _truncate_metrics(metrics_path, state.step)
 
     def log(record: dict[str, Any]) -> None:
-        if rank == 0 and metrics_path:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        if rank == 0:
+            append_metrics(metrics_path, record)
 
     def save(also_best: bool = False) -> None:
         nonlocal last_good
@@ -1018,6 +1017,13 @@ def _train_loop(
     if rank == 0:
         logger.info("training finished: %s", result)
     return result
+
+
+def append_metrics(metrics_path: Optional[str], record: dict[str, Any]) -> None:
+    """Append one JSON line to the metrics file (rank 0 only; no-op without a path)."""
+    if metrics_path:
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -270,6 +270,39 @@ def test_topk_hand(chunk_items: int, chunk_users: int) -> None:
     assert idx.dtype == np.int64 and scores.dtype == np.float32
 
 
+@pytest.mark.parametrize("order", ["random", "ascending"])
+@pytest.mark.parametrize("chunk_items,chunk_users", [(7, 3), (64, 5), (1000, 64)])
+def test_topk_matches_brute_force(order: str, chunk_items: int, chunk_users: int) -> None:
+    """The threshold merge across chunks against a float64 brute force.
+
+    "ascending" puts the best items last, so every chunk beats the running k-th best
+    (the worst case of the merge); rows have different norms, one is zero, and histories
+    are excluded.
+    """
+    rng = np.random.default_rng(11)
+    items = rng.standard_normal((500, 12)) * rng.uniform(0.2, 3.0, (500, 1))
+    items[17] = 0.0
+    interests = rng.standard_normal((9, 3, 12))
+    exclude = [rng.choice(500, rng.integers(0, 40), replace=False) for _ in range(9)]
+    unit_items = items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
+    unit_int = interests / np.linalg.norm(interests, axis=2, keepdims=True)
+    scores = np.einsum("usd,nd->usn", unit_int, unit_items).max(axis=1)
+    if order == "ascending":
+        perm = np.argsort(scores[0])  # user 0's best items at the end of the catalog
+        items, unit_items, scores = items[perm], unit_items[perm], scores[:, perm]
+        inverse = np.argsort(perm)
+        exclude = [inverse[e] for e in exclude]
+    for user, e in enumerate(exclude):
+        scores[user, e] = -np.inf
+    k = 25
+    idx, got = topk_items(interests.astype(np.float32), items.astype(np.float32), k, exclude,
+                          chunk_items=chunk_items, chunk_users=chunk_users)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(expected, axis=1))
+    np.testing.assert_allclose(got, np.take_along_axis(scores, expected, axis=1), atol=2e-6)
+    assert np.all(np.diff(got, axis=1) <= 0)
+
+
 def test_topk_pads_when_too_few_items() -> None:
     # B with history {e0, e1}: only e2 (0.96) and e3 (0) remain; k = 4 pads twice.
     idx, scores = topk_items(INTERESTS[1:], ITEMS, 4, [np.array([0, 1])])
@@ -361,8 +394,10 @@ def test_rank_targets_input_validation() -> None:
         rank_targets(INTERESTS, ITEMS, targets, chunk_items=0)
     bad_items = ITEMS.copy()
     bad_items[3, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"NaN or inf \(first rows: \[3\]\)"):
         rank_targets(INTERESTS, bad_items, targets)
+    with pytest.raises(ValueError, match=r"first rows: \[3\]"):
+        topk_items(INTERESTS, bad_items, 2)
     bad_interests = INTERESTS.copy()
     bad_interests[0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="NaN"):

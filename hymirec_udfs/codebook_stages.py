@@ -3,7 +3,7 @@
 ``fit_codebook`` samples a basepool of the current model's item embeddings, fits the
 residual codebook on the driver (or its GPU), and writes the centroids to ``codebooks``
 (one row per layer and code, under a new version) and to MLflow as an artifact.
-``encode_items`` broadcasts the latest codebook and assigns every item in a pandas UDF,
+``encode_items`` broadcasts the latest codebook and assigns every item in an Arrow UDF,
 then replaces ``item_codes`` in one commit, with a report on the full catalog.
 """
 
@@ -22,7 +22,7 @@ from hymirec_udfs.config import Config
 from hymirec_udfs.stages import StageContext, StageOutput
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
+    import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
 
     from hymirec_udfs.codebook import ResidualCodebook
@@ -128,10 +128,70 @@ def run_fit(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutpu
     return StageOutput(rows={"basepool": len(ids), "centroids": len(rows), "catalog": n}, summary=summary)
 
 
-def encode_frame(df: "DataFrame", codebook: "ResidualCodebook", version: str) -> "DataFrame":
-    """Distributed encoding: the codebook is broadcast once, a pandas UDF assigns each batch."""
-    import pandas as pd
+def _embedding_matrix(batch: "pa.RecordBatch", dim: int) -> np.ndarray:
+    """The batch's ``embedding`` column as a float32 ``(rows, dim)`` view of its Arrow buffer.
 
+    Rows of another length are an error naming their item ids, never a reshape that would
+    silently shift every later row.
+    """
+    import pyarrow.compute as pc
+
+    column = batch.column(batch.schema.get_field_index("embedding"))
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    wrong = np.flatnonzero(lengths != dim)
+    if wrong.size:
+        ids = batch.column(batch.schema.get_field_index("item_id")).take(wrong[:5]).to_pylist()
+        raise CodebookStageError(
+            f"{wrong.size} item embedding(s) do not have the codebook's dimension {dim}"
+            f" (item ids {ids}, lengths {sorted(set(lengths[wrong].tolist()))[:5]})"
+        )
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.astype(np.float32, copy=False).reshape(batch.num_rows, dim)
+
+
+def _encode_batch(batch: "pa.RecordBatch", book: "ResidualCodebook", version: str,
+                  schema: "pa.Schema") -> "pa.RecordBatch":
+    """Codes, coefficients and reconstruction cosine of one Arrow batch of embeddings.
+
+    Columns are built from flat numpy buffers plus offsets (no per-row Python objects),
+    and an input error names the offending item ids rather than batch-relative rows.
+    """
+    import pyarrow as pa
+
+    from hymirec_udfs.codebook import CodebookInputError, encode
+
+    matrix = _embedding_matrix(batch, book.dim)
+    item_ids = batch.column(batch.schema.get_field_index("item_id"))
+    try:
+        codes, coefs, recon = encode(book, matrix, round_coefs=True)
+    except CodebookInputError as err:
+        sq = np.einsum("ij,ij->i", matrix.astype(np.float64), matrix.astype(np.float64))
+        bad = np.flatnonzero(~np.isfinite(sq) | (sq <= 0))
+        raise CodebookStageError(
+            f"cannot encode {bad.size} item embedding(s): item ids {item_ids.take(bad[:5]).to_pylist()}: {err}"
+        ) from err
+    n, layers = codes.shape
+    offsets = pa.array(np.arange(0, (n + 1) * layers, layers, dtype=np.int32))
+    return pa.RecordBatch.from_arrays(
+        [
+            item_ids,
+            pa.ListArray.from_arrays(offsets, pa.array(codes.astype(np.int16, copy=False).ravel())),
+            pa.ListArray.from_arrays(offsets, pa.array(coefs.astype(np.float32, copy=False).ravel())),
+            pa.array(np.full(n, version, dtype=object), pa.string()),
+            pa.array(recon.astype(np.float32, copy=False)),
+        ],
+        schema=schema,
+    )
+
+
+def encode_frame(df: "DataFrame", codebook: "ResidualCodebook", version: str) -> "DataFrame":
+    """Distributed encoding: the codebook is broadcast once, an Arrow UDF assigns each batch.
+
+    ``mapInArrow`` hands each worker Arrow record batches, so the embeddings go from the
+    JVM to a ``(rows, D)`` float32 matrix without one Python object per row (the pandas
+    path builds an object array of per-row arrays, then stacks them: measured ~3x slower
+    end to end at D=384).
+    """
     from hymirec_udfs.codebook import save_npz
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,30 +199,23 @@ def encode_frame(df: "DataFrame", codebook: "ResidualCodebook", version: str) ->
         save_npz(codebook, path)
         blob = path.read_bytes()
     broadcast = df.sparkSession.sparkContext.broadcast(blob)
+    out_schema = schemas.arrow_schema(schemas.ITEM_CODES)
 
-    def assign(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+    def assign(batches: Iterator["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
         import io
 
         import torch
 
-        from hymirec_udfs.codebook import encode, load_npz
+        from hymirec_udfs.codebook import load_npz
 
+        # One thread per task: Spark already runs one task per core.
         torch.set_num_threads(1)
         book = load_npz(io.BytesIO(broadcast.value))
         for batch in batches:
-            if batch.empty:
-                continue
-            matrix = np.stack(batch["embedding"].to_numpy()).astype(np.float32)
-            codes, coefs, recon = encode(book, matrix, round_coefs=True)
-            yield pd.DataFrame({
-                "item_id": batch["item_id"].to_numpy(),
-                "codes": list(codes.astype(np.int16)),
-                "coefs": list(coefs.astype(np.float32)),
-                "codebook_version": version,
-                "recon_cosine": recon.astype(np.float32),
-            })
+            if batch.num_rows:
+                yield _encode_batch(batch, book, version, out_schema)
 
-    return df.select("item_id", "embedding").mapInPandas(assign, schemas.spark_schema(schemas.ITEM_CODES))
+    return df.select("item_id", "embedding").mapInArrow(assign, schemas.spark_schema(schemas.ITEM_CODES))
 
 
 def run_encode(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:

@@ -110,3 +110,33 @@ def test_k_larger_than_basepool_and_empty_and_dim_mismatch(spark, cb_cfg) -> Non
     other = cb_cfg("embed.pooling=cls")  # another model id: no embeddings for it
     with pytest.raises(StageFailed, match="no rows for model"):
         run_stage(spark, other, "fit-codebook")
+
+
+def test_encode_names_bad_items_and_keeps_the_previous_item_codes(spark, cb_cfg) -> None:
+    """Vectors that only appear after the fit (not in the basepool) fail the encode by item id."""
+    from hymirec_udfs.embed_items import current_model_id
+
+    cfg = cb_cfg("codebook.ks=[4]")
+    good = _clustered(40, 8)
+    _write_embeddings(spark, cfg, good)
+    run_stage(spark, cfg, "fit-codebook")
+    run_stage(spark, cfg, "encode")
+    store = get_table_store(spark, cfg)
+    version = store.version(schemas.ITEM_CODES)
+
+    bad = good.copy()
+    bad[7, 2] = np.nan
+    _write_embeddings(spark, cfg, bad)
+    with pytest.raises(StageFailed, match=r"(?s)item ids \['i7'\].*NaN"):
+        run_stage(spark, cfg, "encode")
+    assert store.version(schemas.ITEM_CODES) == version
+
+    # A row whose array is shorter than its declared dim: named, never reshaped across rows.
+    model_id = current_model_id(cfg.embed)
+    rows = [(f"i{j}", [float(v) for v in (vec[:7] if j == 11 else vec)], 8, model_id, f"h{j}", NOW)
+            for j, vec in enumerate(good)]
+    store.overwrite(schemas.ITEM_EMBEDDINGS, spark.createDataFrame(rows, schemas.spark_schema(schemas.ITEM_EMBEDDINGS)))
+    with pytest.raises(StageFailed, match=r"dimension 8 \(item ids \['i11'\], lengths \[7\]\)"):
+        run_stage(spark, cfg, "encode")
+    assert store.version(schemas.ITEM_CODES) == version
+    assert store.count(schemas.ITEM_CODES) == 40

@@ -18,9 +18,12 @@ What it measures, on seeded clustered synthetic unit vectors (uneven topic sizes
 - ``k_means_constrained.KMeansConstrained`` (min-cost-flow balanced k-means) on growing
   subsamples under a time cap, to show where it stops being usable.
 
-Results go to ``benchmarks/results/codebook.json`` (flat keys plus ``machine``). The
-distributed (Spark) encode comparison is a separate ``bench_encode`` that fills
-``encode_ratio_vs_plain``; until it exists that key is null.
+- encode throughput of the ``encode_items`` path through local Spark (Delta in, Arrow
+  UDF, Delta out) against a single-process loop over the same table
+  (``encode_ratio_vs_plain``, see :func:`bench_encode`); ``--only-encode`` reruns just
+  this part and updates an earlier result file.
+
+Results go to ``benchmarks/results/codebook.json`` (flat keys plus ``machine``).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class BenchConfig:
         constrained_sizes: subsample sizes tried with k-means-constrained, in order.
         constrained_time_cap_s: wall-clock cap per k-means-constrained fit.
         quick: whether this is the ``--quick`` configuration.
+        encode_items: catalog size of the Spark encode comparison (Spark's fixed cost
+            per job, ~1 s here, weighs less on a realistic catalog).
     """
 
     n: int
@@ -89,11 +94,13 @@ class BenchConfig:
     constrained_sizes: tuple[int, ...]
     constrained_time_cap_s: float
     quick: bool
+    encode_items: int = 0
 
 
 FULL = BenchConfig(
     n=200_000, d=384, k=256, layers=3, iters=20, seed=0,
     constrained_sizes=(1_000, 2_000, 5_000, 10_000, 20_000, 50_000), constrained_time_cap_s=120.0, quick=False,
+    encode_items=1_000_000,
 )
 QUICK = BenchConfig(
     n=20_000, d=384, k=64, layers=3, iters=20, seed=0,
@@ -338,6 +345,162 @@ def bench_kmeans_constrained(x: np.ndarray, cfg: BenchConfig) -> dict[str, Any]:
     return result
 
 
+def _embeddings_table(x: np.ndarray, model_id: str) -> Any:
+    """``x`` as an ``item_embeddings`` Arrow table (built from flat buffers, no row objects)."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from hymirec_udfs import schemas
+
+    n, d = x.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    columns = {
+        "item_id": pa.array([f"item{j:07d}" for j in range(n)]),
+        "embedding": pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x, np.float32).ravel())),
+        "dim": pa.array(np.full(n, d, np.int32)),
+        "model_id": pa.array([model_id] * n),
+        "content_hash": pa.array([f"h{j}" for j in range(n)]),
+        "embedded_at": pa.array([dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+    }
+    return pa.table(columns).cast(schemas.arrow_schema(schemas.ITEM_EMBEDDINGS))
+
+
+def _encode_frame_pandas(df: Any, book: ResidualCodebook, version: str) -> Any:
+    """The previous pandas-UDF encode (np.stack over per-row arrays), kept here as a reference."""
+    import io
+
+    import pandas as pd
+
+    from hymirec_udfs import schemas
+    from hymirec_udfs.codebook import load_npz, save_npz
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "codebook.npz"
+        save_npz(book, path)
+        blob = df.sparkSession.sparkContext.broadcast(path.read_bytes())
+
+    def assign(batches: Any) -> Any:
+        torch.set_num_threads(1)
+        cb = load_npz(io.BytesIO(blob.value))
+        for batch in batches:
+            matrix = np.stack(batch["embedding"].to_numpy()).astype(np.float32)
+            codes, coefs, recon = encode(cb, matrix, round_coefs=True)
+            yield pd.DataFrame({"item_id": batch["item_id"].to_numpy(), "codes": list(codes.astype(np.int16)),
+                                "coefs": list(coefs.astype(np.float32)), "codebook_version": version,
+                                "recon_cosine": recon.astype(np.float32)})
+
+    return df.select("item_id", "embedding").mapInPandas(assign, schemas.spark_schema(schemas.ITEM_CODES))
+
+
+def _encode_catalog(x: np.ndarray, n_items: int, cfg: BenchConfig) -> np.ndarray:
+    """The fit's catalog, or a fresh one of ``n_items`` rows from the same generator."""
+    n_items = n_items or cfg.encode_items
+    return x if n_items in (0, x.shape[0]) else make_catalog(n_items, cfg.d, cfg.seed + 1)
+
+
+def bench_encode(x: np.ndarray, book: ResidualCodebook, repeats: int = 2) -> dict[str, Any]:
+    """encode_items through local Spark against a single-process loop over the same items.
+
+    Both sides start from the same ``item_embeddings`` Delta table and end with an
+    ``item_codes`` Delta table. Spark runs the stage's own path,
+    :func:`~hymirec_udfs.codebook_stages.encode_catalog` (a distributed read of the
+    table's files, an Arrow UDF with the codebook broadcast, one delta-rs commit through
+    the table store); the plain side reads the table with delta-rs into one float32
+    matrix, runs :func:`encode` (chunked torch matmuls, all cores) and writes the codes
+    with ``write_deltalake``. The headline ratio is end to end (Spark items/s over plain
+    items/s); also timed: the plain loop's in-memory encode alone, and the earlier
+    pandas-UDF version of the Spark path. Each is warmed up once, then the best of
+    ``repeats`` runs is kept.
+    """
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from hymirec_udfs import schemas
+    from hymirec_udfs.codebook_stages import encode_catalog
+    from hymirec_udfs.config import load_config
+    from hymirec_udfs.spark import get_spark
+    from hymirec_udfs.tables import get_table_store
+
+    n = x.shape[0]
+    version = "cb-bench"
+    results: dict[str, Any] = {"encode_items": n}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(["local"], [f"paths.work_dir={tmp}", "tracking.enabled=false"])
+        spark = get_spark(cfg)
+        store = get_table_store(spark, cfg)
+        write_deltalake(store.location(schemas.ITEM_EMBEDDINGS), _embeddings_table(x, "bench-model"), mode="overwrite")
+        parallelism = max(2, spark.sparkContext.defaultParallelism)
+
+        def spark_run(pandas_udf: bool = False) -> float:
+            # What run_encode does between reading the table and committing item_codes
+            # (encode_catalog), or the same with the earlier pandas UDF.
+            start = time.perf_counter()
+            emb = store.read(schemas.ITEM_EMBEDDINGS)
+            if pandas_udf:
+                emb = emb.repartition(parallelism) if emb.rdd.getNumPartitions() < parallelism else emb
+                codes = _encode_frame_pandas(emb, book, version)
+            else:
+                codes = encode_catalog(emb, book, version)
+            store.overwrite(schemas.ITEM_CODES, codes)
+            return time.perf_counter() - start
+
+        plain_path = str(Path(tmp) / "item_codes_plain")
+
+        def plain_run() -> tuple[float, float]:
+            start = time.perf_counter()
+            table = DeltaTable(store.location(schemas.ITEM_EMBEDDINGS)).to_pyarrow_table(columns=["item_id", "embedding"])
+            values = table.column("embedding").combine_chunks()
+            matrix = values.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1)
+            t0 = time.perf_counter()
+            codes, coefs, recon = encode(book, matrix, round_coefs=True)
+            compute = time.perf_counter() - t0
+            n_rows, layers = codes.shape
+            offsets = pa.array(np.arange(0, (n_rows + 1) * layers, layers, dtype=np.int32))
+            out = pa.table({
+                "item_id": table.column("item_id"),
+                "codes": pa.ListArray.from_arrays(offsets, pa.array(codes.astype(np.int16).ravel())),
+                "coefs": pa.ListArray.from_arrays(offsets, pa.array(coefs.astype(np.float32).ravel())),
+                "codebook_version": pa.array([version] * n_rows),
+                "recon_cosine": pa.array(recon.astype(np.float32)),
+            }).cast(schemas.arrow_schema(schemas.ITEM_CODES))
+            write_deltalake(plain_path, out, mode="overwrite")
+            return time.perf_counter() - start, compute
+
+        spark_run()  # warm-up: Python workers start, JIT, page cache
+        plain_run()
+        spark_s, plain_s, compute_s, pandas_s = [], [], [], []
+        for _ in range(repeats):
+            spark_s.append(spark_run())
+            total, compute = plain_run()
+            plain_s.append(total)
+            compute_s.append(compute)
+        for _ in range(repeats):
+            pandas_s.append(spark_run(pandas_udf=True))
+
+        # Same codes both ways (the Spark table is what the stage wrote last: pandas path).
+        spark_codes = store.read(schemas.ITEM_CODES).orderBy("item_id").select("codes").toArrow()
+        plain_codes = DeltaTable(plain_path).to_pyarrow_table(columns=["item_id", "codes"]).sort_by("item_id")
+        results["encode_codes_identical"] = spark_codes.column("codes").to_pylist() == plain_codes.column("codes").to_pylist()
+        spark.stop()
+
+    best = {"spark": min(spark_s), "plain": min(plain_s), "compute": min(compute_s), "pandas": min(pandas_s)}
+    results.update({
+        "encode_seconds_spark": best["spark"],
+        "encode_seconds_plain": best["plain"],
+        "encode_seconds_plain_compute_only": best["compute"],
+        "encode_seconds_spark_pandas_udf": best["pandas"],
+        "encode_items_per_s_spark": n / best["spark"],
+        "encode_items_per_s_plain": n / best["plain"],
+        "encode_ratio_vs_plain": best["plain"] / best["spark"],
+        "encode_ratio_vs_plain_compute_only": best["compute"] / best["spark"],
+        "encode_arrow_udf_speedup_vs_pandas_udf": best["pandas"] / best["spark"],
+        "encode_runs_seconds": {"spark": spark_s, "plain": plain_s, "plain_compute_only": compute_s,
+                                "spark_pandas_udf": pandas_s},
+    })
+    return results
+
+
 def machine_info() -> dict[str, Any]:
     """Cores, GPU (null on CPU machines) and the load when the run started."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -387,24 +550,53 @@ def print_table(results: dict[str, Any], cfg: BenchConfig) -> None:
         if "estimated_cpu_seconds_at_full_n" in kc:
             print(_row(f"estimated CPU s at N={cfg.n} (n^{kc['cpu_scaling_exponent']:.2f})",
                        kc["estimated_cpu_seconds_at_full_n"]))
-    print(_row("encode_ratio_vs_plain", results["encode_ratio_vs_plain"]))
+    print_encode(results)
+
+
+def print_encode(results: dict[str, Any]) -> None:
+    """The Spark encode comparison's lines."""
+    if results.get("encode_ratio_vs_plain") is None:
+        print(_row("encode_ratio_vs_plain", None))
+        return
+    print(f"encode {results['encode_items']:,} items, item_embeddings -> item_codes (Delta to Delta)")
+    for key in ("encode_seconds_spark", "encode_seconds_plain", "encode_seconds_plain_compute_only",
+                "encode_seconds_spark_pandas_udf", "encode_ratio_vs_plain", "encode_ratio_vs_plain_compute_only",
+                "encode_arrow_udf_speedup_vs_pandas_udf", "encode_codes_identical"):
+        print(_row(key, results[key]))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table, write the JSON; returns the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (under 3 minutes on 2 cores)")
+    parser.add_argument("--skip-encode", action="store_true", help="skip the Spark encode comparison")
+    parser.add_argument("--only-encode", action="store_true", help="run only the Spark encode comparison")
+    parser.add_argument("--encode-items", type=int, default=0,
+                        help="catalog size of the encode comparison (default: 1M, --quick: N of the fit)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
 
     machine = machine_info()
     x = make_catalog(cfg.n, cfg.d, cfg.seed)
+    if args.only_encode:
+        # Refresh the encode figures of an earlier full run, keeping its other keys.
+        results = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.exists() else {}
+        book, _ = fit_residual_codebook(x, [cfg.k] * cfg.layers, iters=cfg.iters, seed=cfg.seed)
+        results.update(bench_encode(_encode_catalog(x, args.encode_items, cfg), book))
+        results.setdefault("machine", {})["encode_load_average_1m_at_start"] = machine["load_average_1m_at_start"]
+        print_encode(results)
+        RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_PATH.write_text(json.dumps(results, indent=2))
+        return results
     results: dict[str, Any] = {"n": cfg.n, "d": cfg.d, "k": cfg.k, "layers": cfg.layers,
                                "iters": cfg.iters, "quick": cfg.quick}
     results.update(bench_kmeans(x, cfg))
     results.update(bench_reconstruction(x, cfg))
-    # Filled by bench_encode (distributed Spark encode vs a plain loop) once it exists.
-    results["encode_ratio_vs_plain"] = None
+    if not args.skip_encode:
+        book, _ = fit_residual_codebook(x, [cfg.k] * cfg.layers, iters=cfg.iters, seed=cfg.seed)
+        results.update(bench_encode(_encode_catalog(x, args.encode_items, cfg), book))
+    else:
+        results["encode_ratio_vs_plain"] = None
     results["kmeans_constrained"] = bench_kmeans_constrained(x, cfg)
     results["machine"] = machine
 

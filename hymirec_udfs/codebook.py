@@ -989,19 +989,37 @@ def _encode_layer(
     last residual); the price is that ``r'`` is orthogonal to ``c`` only up to the fp16
     rounding of ``a``. Euclidean: nearest centroid, ``r' = r - c``, ``a = 1``.
     """
+    codes, coefs, step = _encode_step(residual, centroids, metric, round_coefs=round_coefs)
+    return codes, coefs, residual - step
+
+
+def _encode_step(
+    residual: torch.Tensor,
+    centroids: torch.Tensor,
+    metric: Metric,
+    *,
+    round_coefs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, coefficients and the reconstruction step ``a c`` of one layer (see above).
+
+    Temporaries are kept to the score block and one ``rows x D`` gather: the cosine is
+    ``dots / ||c||`` scaled in place, the coefficient ``(r . c) / ||c||^2`` is read back
+    from it as ``cos_score / ||c||``, and gathers use ``index_select`` (measured faster
+    than advanced indexing on CPU).
+    """
     c_sq = (centroids * centroids).sum(dim=1)
     dots = residual @ centroids.T
-    rows = torch.arange(residual.shape[0], device=residual.device)
     if metric is Metric.COSINE:
-        codes = (dots * c_sq.clamp_min(1e-30).rsqrt()).argmax(dim=1)
-        coefs = dots[rows, codes] / c_sq[codes].clamp_min(1e-30)
+        inv_norm = c_sq.clamp_min(1e-30).rsqrt()
+        dots.mul_(inv_norm)
+        best, codes = dots.max(dim=1)
+        coefs = best * torch.index_select(inv_norm, 0, codes)
         if round_coefs:
             coefs = coefs.to(torch.float16).to(torch.float32)
-        chosen = centroids[codes]
-        return codes, coefs, residual - coefs[:, None] * chosen
-    codes = (dots - 0.5 * c_sq).argmax(dim=1)
+        return codes, coefs, torch.index_select(centroids, 0, codes).mul_(coefs[:, None])
+    codes = dots.sub_(0.5 * c_sq).argmax(dim=1)
     coefs = torch.ones(residual.shape[0], dtype=torch.float32, device=residual.device)
-    return codes, coefs, residual - centroids[codes]
+    return codes, coefs, torch.index_select(centroids, 0, codes)
 
 
 def _normalised_rows(x: torch.Tensor, rows: slice, device: torch.device) -> torch.Tensor:
@@ -1203,14 +1221,18 @@ def encode(
     codes = np.empty((n, num_layers), dtype=_codes_dtype(cb.ks))
     coefs = np.empty((n, num_layers), dtype=np.float32)
     recon_cosine = np.empty(n, dtype=np.float32)
-    for start, stop in _chunks(n, chunk_size):
+    # On CPU, blocks of _CPU_SCORE_BLOCK rows keep each layer's temporaries in cache
+    # (measured ~2x faster than 65536-row blocks); a GPU takes the whole chunk.
+    block = chunk_size if dev.type != "cpu" else min(chunk_size, _CPU_SCORE_BLOCK)
+    for start, stop in _chunks(n, block):
         e = _normalised_rows(x, slice(start, stop), dev)
         r = e
         recon = torch.zeros_like(e)
         for layer, centroids in enumerate(cb.centroids):
-            b, a, r = _encode_layer(r, centroids, cb.metric, round_coefs=round_coefs)
+            b, a, step = _encode_step(r, centroids, cb.metric, round_coefs=round_coefs)
+            r = r - step
             # Summed explicitly (not e - r) so the cosine is that of what decode returns.
-            recon += a[:, None] * centroids[b]
+            recon += step
             codes[start:stop, layer] = b.cpu().numpy()
             coefs[start:stop, layer] = a.cpu().numpy()
         recon_cosine[start:stop] = F.cosine_similarity(e, recon, dim=1, eps=1e-12).cpu().numpy()

@@ -213,13 +213,6 @@ class DeltaRsStore(TableStore):
         return list(self._table(name).history())
 
     def read(self, name: str, version: Optional[int] = None) -> "DataFrame":
-        table = self._table(name, version)
-        protocol = table.protocol()
-        if "deletionVectors" in (protocol.reader_features or []):
-            # Reading the Parquet files directly would resurrect deleted rows.
-            raise RuntimeError(
-                f"table '{name}' uses deletion vectors; read it with storage.engine=spark (delta-spark)"
-            )
         files = self.files(name, version)
         schema = schemas.spark_schema(name)
         if not files:
@@ -227,7 +220,14 @@ class DeltaRsStore(TableStore):
         return self.spark.read.schema(schema).parquet(*files)
 
     def files(self, name: str, version: Optional[int] = None) -> list[str]:
-        return sorted(self._table(name, version).file_uris())
+        table = self._table(name, version)
+        if "deletionVectors" in (table.protocol().reader_features or []):
+            # Reading the Parquet files directly (Spark here, trainers and the encode
+            # stage through files()) would resurrect deleted rows.
+            raise RuntimeError(
+                f"table '{name}' uses deletion vectors; read it with storage.engine=spark (delta-spark)"
+            )
+        return sorted(table.file_uris())
 
     def _batches(self, staging: Path, target: pa.Schema) -> pa.RecordBatchReader:
         import pyarrow.dataset as ds

@@ -140,3 +140,4 @@ def test_encode_names_bad_items_and_keeps_the_previous_item_codes(spark, cb_cfg)
         run_stage(spark, cfg, "encode")
     assert store.version(schemas.ITEM_CODES) == version
     assert store.count(schemas.ITEM_CODES) == 40
+

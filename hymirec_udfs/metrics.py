@@ -107,9 +107,10 @@ def rank_targets(
       a valid test case into a miss.
     * A target absent from the catalog (``target_idx == -1``) gets rank 0 ("miss").
 
-    Memory is bounded by ``chunk_users * s * chunk_items`` float32 scores: the catalog
-    is never scored against all users at once, and the embeddings are normalised chunk
-    by chunk rather than copied whole.
+    Memory is bounded by ``chunk_users * s * chunk_items`` float32 scores (one buffer,
+    reused for every block): the catalog is never scored against all users at once, and
+    never copied; its norms are computed once (one float per item) and applied to the
+    scores, so a unit-norm catalog is used exactly as passed.
 
     ``merge="union"`` returns ``min_j rank_j`` of :func:`rank_targets_per_interest`: the
     target is in the union of the per-interest top-K lists exactly when its best
@@ -119,7 +120,8 @@ def rank_targets(
     Args:
         interests: user interest vectors, shape ``(U, s, D)`` (``(U, D)`` is read as
             ``s == 1``). Normalised here; zero vectors score 0 against every item.
-        item_emb: catalog embeddings, shape ``(N, D)``; normalised here chunk by chunk.
+        item_emb: catalog embeddings, shape ``(N, D)``; cosines use their norms (zero
+            rows score 0 against every interest).
         target_idx: catalog index of each user's target, shape ``(U,)``; ``-1`` when
             the target is not in the catalog.
         exclude: per user, catalog indices to drop from the ranking (history items);

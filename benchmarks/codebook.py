@@ -430,11 +430,10 @@ def bench_encode(x: np.ndarray, book: ResidualCodebook, repeats: int = 2) -> dic
     pandas-UDF version of the Spark path. Each is warmed up once, then the best of
     ``repeats`` runs is kept.
     """
-    import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
     from hymirec_udfs import schemas
-    from hymirec_udfs.codebook_stages import encode_catalog
+    from hymirec_udfs.codebook_stages import codes_batch, encode_catalog
     from hymirec_udfs.config import load_config
     from hymirec_udfs.spark import get_spark
     from hymirec_udfs.tables import get_table_store
@@ -472,15 +471,7 @@ def bench_encode(x: np.ndarray, book: ResidualCodebook, repeats: int = 2) -> dic
             t0 = time.perf_counter()
             codes, coefs, recon = encode(book, matrix, round_coefs=True)
             compute = time.perf_counter() - t0
-            n_rows, layers = codes.shape
-            offsets = pa.array(np.arange(0, (n_rows + 1) * layers, layers, dtype=np.int32))
-            out = pa.table({
-                "item_id": table.column("item_id"),
-                "codes": pa.ListArray.from_arrays(offsets, pa.array(codes.astype(np.int16).ravel())),
-                "coefs": pa.ListArray.from_arrays(offsets, pa.array(coefs.astype(np.float32).ravel())),
-                "codebook_version": pa.array([version] * n_rows),
-                "recon_cosine": pa.array(recon.astype(np.float32)),
-            }).cast(schemas.arrow_schema(schemas.ITEM_CODES))
+            out = codes_batch(table.column("item_id").combine_chunks(), codes, coefs, recon, version)
             write_deltalake(plain_path, out, mode="overwrite")
             return time.perf_counter() - start, compute
 

@@ -156,8 +156,6 @@ def _encode_batch(batch: "pa.RecordBatch", book: "ResidualCodebook", version: st
     Columns are built from flat numpy buffers plus offsets (no per-row Python objects),
     and an input error names the offending item ids rather than batch-relative rows.
     """
-    import pyarrow as pa
-
     from hymirec_udfs.codebook import CodebookInputError, encode
 
     matrix = _embedding_matrix(batch, book.dim)
@@ -172,6 +170,14 @@ def _encode_batch(batch: "pa.RecordBatch", book: "ResidualCodebook", version: st
         raise CodebookStageError(
             f"cannot encode {bad.size} item embedding(s): item ids {item_ids.take(bad[:5]).to_pylist()}: {err}"
         ) from err
+    return codes_batch(item_ids, codes, coefs, recon, version, schema)
+
+
+def codes_batch(item_ids: "pa.Array", codes: np.ndarray, coefs: np.ndarray, recon: np.ndarray, version: str,
+                schema: Optional["pa.Schema"] = None) -> "pa.RecordBatch":
+    """``item_codes`` rows as one Arrow batch, built from flat buffers plus offsets."""
+    import pyarrow as pa
+
     n, layers = codes.shape
     offsets = pa.array(np.arange(0, (n + 1) * layers, layers, dtype=np.int32))
     return pa.RecordBatch.from_arrays(
@@ -182,7 +188,7 @@ def _encode_batch(batch: "pa.RecordBatch", book: "ResidualCodebook", version: st
             pa.array(np.full(n, version, dtype=object), pa.string()),
             pa.array(recon.astype(np.float32, copy=False)),
         ],
-        schema=schema,
+        schema=schema or schemas.arrow_schema(schemas.ITEM_CODES),
     )
 
 

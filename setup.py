@@ -6,7 +6,7 @@ Runtime dependencies are ranges; the exact versions CI uses live in constraints.
 Users on GPU clusters bring their own CUDA build of torch.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="hymirec",
@@ -14,8 +14,8 @@ setup(
     description="HyMiRec hybrid multi-interest LLM recommender as batch ETL on Spark",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["hymirec_udfs", "hymirec_udfs.conf"],
+    python_requires=">=3.11",
+    packages=[*find_packages(include=["hymirec_udfs", "hymirec_udfs.*"]), "hymirec_udfs.conf"],
     package_dir={"hymirec_udfs": "hymirec_udfs", "hymirec_udfs.conf": "conf"},
     package_data={"hymirec_udfs.conf": ["*.yaml"]},
     install_requires=[

@@ -59,16 +59,10 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from hymirec_udfs.codebook import (  # noqa: E402
-    DEFAULT_CHUNK_SIZE,
-    Metric,
-    ResidualCodebook,
-    _encode_layer,
-    balanced_spherical_kmeans,
-    codebook_stats,
-    encode,
-    fit_residual_codebook,
-)
+from hymirec_udfs.codebook.blocks import DEFAULT_CHUNK_SIZE, Metric
+from hymirec_udfs.codebook.residual import ResidualCodebook, _encode_layer, encode, fit_residual_codebook
+from hymirec_udfs.codebook.kmeans import balanced_spherical_kmeans
+from hymirec_udfs.codebook.stats import codebook_stats
 
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "codebook.json"
 
@@ -368,7 +362,7 @@ def _embeddings_table(x: np.ndarray, model_id: str) -> Any:
 
     import pyarrow as pa
 
-    from hymirec_udfs import schemas
+    from hymirec_udfs.core import schemas
 
     n, d = x.shape
     offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
@@ -389,8 +383,8 @@ def _encode_frame_pandas(df: Any, book: ResidualCodebook, version: str) -> Any:
 
     import pandas as pd
 
-    from hymirec_udfs import schemas
-    from hymirec_udfs.codebook import load_npz, save_npz
+    from hymirec_udfs.core import schemas
+    from hymirec_udfs.codebook.serialize import load_npz, save_npz
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "codebook.npz"
@@ -421,7 +415,7 @@ def bench_encode(x: np.ndarray, book: ResidualCodebook, repeats: int = 2) -> dic
 
     Both sides start from the same ``item_embeddings`` Delta table and end with an
     ``item_codes`` Delta table. Spark runs the stage's own path,
-    :func:`~hymirec_udfs.codebook_stages.encode_catalog` (a distributed read of the
+    :func:`~hymirec_udfs.codebook.spark.encode_catalog` (a distributed read of the
     table's files, an Arrow UDF with the codebook broadcast, one delta-rs commit through
     the table store); the plain side reads the table with delta-rs into one float32
     matrix, runs :func:`encode` (chunked torch matmuls, all cores) and writes the codes
@@ -432,11 +426,11 @@ def bench_encode(x: np.ndarray, book: ResidualCodebook, repeats: int = 2) -> dic
     """
     from deltalake import DeltaTable, write_deltalake
 
-    from hymirec_udfs import schemas
-    from hymirec_udfs.codebook_stages import codes_batch, encode_catalog
-    from hymirec_udfs.config import load_config
-    from hymirec_udfs.spark import get_spark
-    from hymirec_udfs.tables import get_table_store
+    from hymirec_udfs.core import schemas
+    from hymirec_udfs.codebook.spark import codes_batch, encode_catalog
+    from hymirec_udfs.core.config import load_config
+    from hymirec_udfs.core.spark import get_spark
+    from hymirec_udfs.core.tables import get_table_store
 
     n = x.shape[0]
     version = "cb-bench"

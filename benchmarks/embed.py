@@ -29,7 +29,7 @@ Every ratio's baseline is measured in the same run, on the same texts:
   real (non-padding) tokens and MFU is ``2 * non-embedding params * tokens/s / peak bf16``.
 
 The synthetic catalog: item lengths in words are lognormal (log-mean 3.0, log-sd 0.9,
-clipped to [4, 256], :func:`hymirec_udfs.synthetic.word_lengths`), words drawn with a
+clipped to [4, 256], :func:`hymirec_udfs.ingest.synthetic.word_lengths`), words drawn with a
 seeded generator from the whole-word entries of the model's own WordPiece vocabulary,
 so an item of n words is about n + 2 tokens. Results go to
 ``benchmarks/results/embed.json``.
@@ -134,7 +134,7 @@ def word_vocabulary(model_path: str) -> List[str]:
 
 def make_texts(n: int, vocabulary: Sequence[str], seed: int) -> List[str]:
     """``n`` item texts with lognormal word counts (log-mean 3.0, log-sd 0.9, [4, 256])."""
-    from hymirec_udfs.synthetic import word_lengths
+    from hymirec_udfs.ingest.synthetic import word_lengths
 
     rng = np.random.default_rng(seed)
     lengths = word_lengths(rng, n)
@@ -152,7 +152,7 @@ def items_frame(spark: Any, texts: Sequence[str], prefix: str) -> Any:
     """An ``items`` DataFrame (declared schema) holding ``texts``."""
     import pandas as pd
 
-    from hymirec_udfs import schemas
+    from hymirec_udfs.core import schemas
 
     now = dt.datetime.now(dt.timezone.utc)
     frame = pd.DataFrame(
@@ -208,7 +208,7 @@ def timed_encode(encoder: Any, texts: Sequence[str], fixed_batch_size: Optional[
 
 def bench_plain(sizes: Sizes, texts: Sequence[str], warmup_texts: Sequence[str]) -> Dict[str, Any]:
     """Token-budget run over the catalog, then token budget vs fixed batches on a subset."""
-    from hymirec_udfs.embedding import ContentEncoder
+    from hymirec_udfs.embedding.encoder import ContentEncoder
 
     t0 = time.perf_counter()
     encoder = ContentEncoder(
@@ -262,9 +262,9 @@ def _worker_memory(batches: Any) -> Any:
             key, _, value = line.partition(":")
             if key in ("VmHWM", "VmRSS"):
                 status[key] = float(value.split()[0]) / 1024.0  # kB -> MiB
-    from hymirec_udfs import embedding
+    from hymirec_udfs.embedding import udf
 
-    encoders = len(getattr(embedding, "_ENCODER_CACHE", {}))
+    encoders = len(getattr(udf, "_ENCODER_CACHE", {}))
     times = os.times()
     for _ in batches:
         pass
@@ -308,7 +308,7 @@ def jvm_cpu_seconds(spark: Any) -> Optional[float]:
 
 def spark_configs(sizes: Sizes, work_root: str) -> tuple[Any, Any]:
     """(warm-up, timed) configs: ``local`` profile, own work dirs, the benchmark's encoder."""
-    from hymirec_udfs.config import load_config
+    from hymirec_udfs.core.config import load_config
 
     def config(name: str) -> Any:
         return load_config(
@@ -335,10 +335,10 @@ def bench_spark(
     plain_vectors: np.ndarray,
 ) -> Dict[str, Any]:
     """Warm-up stage run on another catalog, then the timed stage run on ``texts``."""
-    from hymirec_udfs import schemas
-    from hymirec_udfs.spark import get_spark
-    from hymirec_udfs.stages import run_stage
-    from hymirec_udfs.tables import get_table_store
+    from hymirec_udfs.core import schemas
+    from hymirec_udfs.core.spark import get_spark
+    from hymirec_udfs.pipeline import run_stage
+    from hymirec_udfs.core.tables import get_table_store
 
     cfg_warm, cfg_main = configs
     t0 = time.perf_counter()
@@ -416,8 +416,8 @@ def bench_gpu(
     import torch
     from transformers import LlamaConfig, LlamaModel
 
-    from hymirec_udfs.embedding import plan_token_budget_batches
-    from hymirec_udfs.synthetic import word_lengths
+    from hymirec_udfs.embedding.encoder import plan_token_budget_batches
+    from hymirec_udfs.ingest.synthetic import word_lengths
 
     dtype = dtype or torch.bfloat16
     config = LlamaConfig(**(shape or TINYLLAMA_SHAPE))
@@ -510,7 +510,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     import torch
 
-    from hymirec_udfs.embedding import resolve_model_path
+    from hymirec_udfs.embedding.encoder import resolve_model_path
 
     cuda = torch.cuda.is_available()
     started = time.perf_counter()

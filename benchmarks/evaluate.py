@@ -8,8 +8,8 @@ Both sides answer the same question on the same vectors: the exact top-K (K = 20
 catalog items per user, score ``max_j cos(r_j, e_i)`` over s = 2 interests, the user's
 history excluded.
 
-* ours: :func:`hymirec_udfs.metrics.topk_items` (chunked torch matmul + topk), and, for
-  reference, :func:`hymirec_udfs.metrics.rank_targets` (the exact rank of a target,
+* ours: :func:`hymirec_udfs.evaluation.scoring.topk_items` (chunked torch matmul + topk), and, for
+  reference, :func:`hymirec_udfs.evaluation.scoring.rank_targets` (the exact rank of a target,
   which is what the metrics need and which faiss cannot give beyond its K).
 * faiss: ``IndexFlatIP`` exact search of every interest with ``k = K + max_history``,
   then a vectorised merge by max and history filter. ``K + max_history`` per interest is
@@ -149,8 +149,8 @@ def make_data(
 def ours_topk(
     items: np.ndarray, interests: np.ndarray, histories: List[np.ndarray], k: int
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact top-K with :func:`hymirec_udfs.metrics.topk_items` (default chunks)."""
-    from hymirec_udfs.metrics import topk_items
+    """Exact top-K with :func:`hymirec_udfs.evaluation.scoring.topk_items` (default chunks)."""
+    from hymirec_udfs.evaluation.scoring import topk_items
 
     return topk_items(interests, items, k, histories, merge="max")
 
@@ -161,8 +161,8 @@ def ours_rank(
     targets: np.ndarray,
     histories: List[np.ndarray],
 ) -> np.ndarray:
-    """Exact target ranks with :func:`hymirec_udfs.metrics.rank_targets`."""
-    from hymirec_udfs.metrics import rank_targets
+    """Exact target ranks with :func:`hymirec_udfs.evaluation.scoring.rank_targets`."""
+    from hymirec_udfs.evaluation.scoring import rank_targets
 
     return rank_targets(interests, items, targets, histories, merge="max")
 

@@ -13,7 +13,7 @@ What it measures, on a seeded synthetic catalog and sequences table shaped like 
   not depend on the codebook's quality);
 - sequences: 943 users with ML-100K-like history lengths (20 + lognormal, median 66,
   popularity-skewed items, no repeats per user), cut into samples by the pipeline's own
-  :func:`hymirec_udfs.sequences.user_samples` with the ``local`` sequence settings
+  :func:`hymirec_udfs.sequences.samples.user_samples` with the ``local`` sequence settings
   (leave-one-out, 20 recent items, long history up to 100, 4 targets, the 50 most recent
   cut points per user): 39.9k training rows with a mean long history of 47.5 items
   (ML-100K itself: 38,762 rows, 48.9 items), in 4 Parquet files with the ``sequences``
@@ -21,8 +21,8 @@ What it measures, on a seeded synthetic catalog and sequences table shaped like 
 - model / DMIL / train settings of the ``local`` profile (HyMiRec, batch 128 per rank),
   with ``epochs=1``, a fixed ``max_steps``, no validation and no periodic checkpoints.
 
-Each measurement runs :func:`hymirec_udfs.training.train` in freshly spawned processes
-through :func:`hymirec_udfs.training.train_local_processes` (``1`` process: no process
+Each measurement runs :func:`hymirec_udfs.recommender.train.train` in freshly spawned processes
+through :func:`hymirec_udfs.recommender.train.train_local_processes` (``1`` process: no process
 group; ``2``: DDP over gloo, as TorchDistributor's local mode), one torch thread per
 process. The figure is the ``samples_per_s`` ``train`` returns: samples of all ranks over
 the wall time of the training loop, which excludes process start, imports, data loading,
@@ -65,11 +65,12 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from hymirec_udfs import schemas  # noqa: E402
-from hymirec_udfs.config import load_config  # noqa: E402
-from hymirec_udfs.models import TINYLLAMA_1_1B_SIZES, ItemStore  # noqa: E402
-from hymirec_udfs.sequences import user_samples  # noqa: E402
-from hymirec_udfs.training import train_local_processes  # noqa: E402
+from hymirec_udfs.core import schemas  # noqa: E402
+from hymirec_udfs.core.config import load_config  # noqa: E402
+from hymirec_udfs.recommender.models import TINYLLAMA_1_1B_SIZES  # noqa: E402
+from hymirec_udfs.recommender.item_store import ItemStore  # noqa: E402
+from hymirec_udfs.sequences.samples import user_samples  # noqa: E402
+from hymirec_udfs.recommender.train import train_local_processes  # noqa: E402
 
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "train.json"
 
@@ -168,9 +169,10 @@ def run_once(num_processes: int, kwargs: dict[str, Any], workdir: Path, tag: str
 
 def gpu_bench(store: ItemStore, files: list[str], steps: int, warmup: int = 3) -> dict[str, Any]:
     """TinyLlama-1.1B-shaped HyMiRec on one GPU: tokens/s and MFU of the LLM part."""
-    from hymirec_udfs.dmil import sample_negatives
-    from hymirec_udfs.models import build_model, model_loss
-    from hymirec_udfs.training import SequenceDataset, build_optimizer, epoch_batches
+    from hymirec_udfs.recommender.dmil import sample_negatives
+    from hymirec_udfs.recommender.models import build_model, model_loss
+    from hymirec_udfs.recommender.data import SequenceDataset, epoch_batches
+    from hymirec_udfs.training.optim import build_optimizer
 
     cfg = load_config(["local", "gpu-tinyllama"])
     mcfg = dataclasses.replace(cfg.model, **TINYLLAMA_1_1B_SIZES)

@@ -23,12 +23,14 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from hymirec_udfs.config import ConfigError, dump_config, load_config
+from hymirec_udfs.core.config import ConfigError, dump_config, load_config
 
-STAGE_COMMANDS = (
-    "ingest", "embed", "fit-codebook", "encode", "build-sequences", "train", "evaluate",
-    "train-content-encoder",
-)
+
+def stage_commands() -> list[str]:
+    """The stage sub-commands, from the registry (pipeline stages, then on-demand ones)."""
+    from hymirec_udfs.pipeline import all_stages
+
+    return [spec.cli for spec in all_stages()]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="hymirec", description="HyMiRec batch ETL on Spark")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in STAGE_COMMANDS:
-        _common(sub.add_parser(name, help=f"run the {name} stage"))
+    for name in stage_commands():
+        stage = sub.add_parser(name, help=f"run the {name} stage")
+        _common(stage)
+        if name == "ablations":
+            stage.add_argument("--variants", default="", help="comma-separated subset of variants (default: all)")
     pipe = sub.add_parser("pipeline", help="run the stages in order")
     pipe_sub = pipe.add_subparsers(dest="action", required=True)
     run = pipe_sub.add_parser("run", help="run the pipeline, skipping up-to-date stages")
@@ -58,9 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(conf_sub.add_parser("show", help="print the resolved configuration"))
     _common(sub.add_parser("tables", help="list tables with version and row count"))
     _common(sub.add_parser("report", help="print the latest evaluation metrics and the report path"))
-    abl = sub.add_parser("ablations", help="train and evaluate HyMiRec and every ablation switch")
-    _common(abl)
-    abl.add_argument("--variants", default="", help="comma-separated subset of variants (default: all)")
     return parser
 
 
@@ -92,15 +94,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(dump_config(cfg))
         return 0
 
-    from hymirec_udfs.spark import get_spark
-    from hymirec_udfs.stages import StageFailed, run_pipeline, run_stage
+    from hymirec_udfs.core.spark import get_spark
+    from hymirec_udfs.core.stage_api import StageFailed
+    from hymirec_udfs.pipeline import run_pipeline, run_stage
 
     spark = get_spark(cfg)
     if args.run_date:
         os.environ["HYMIREC_RUN_DATE"] = args.run_date
     try:
         if args.command == "tables":
-            from hymirec_udfs.tables import get_table_store
+            from hymirec_udfs.core.tables import get_table_store
 
             store = get_table_store(spark, cfg)
             print(f"{'table':<18} {'version':>8} {'rows':>12}  location   (engine: {store.engine})")
@@ -110,20 +113,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{info.name:<18} {version:>8} {rows:>12}  {info.location}")
             return 0
         if args.command == "report":
-            from hymirec_udfs.evaluation import print_latest
+            from hymirec_udfs.evaluation.report import print_latest
 
             print(print_latest(spark, cfg))
             return 0
-        if args.command == "ablations":
-            from hymirec_udfs.ablations import ABLATIONS_SPEC
-
-            if args.variants:
-                os.environ["HYMIREC_ABLATION_VARIANTS"] = args.variants
-            job = run_stage(spark, cfg, ABLATIONS_SPEC)
-            print(job_summary(job))
-            _result({"command": "ablations", "status": job.status, "run_id": job.run_id,
-                     "mlflow_run_id": job.mlflow_run_id, "wall_s": round(job.wall_s, 1)})
-            return 0
+        if getattr(args, "variants", ""):
+            os.environ["HYMIREC_ABLATION_VARIANTS"] = args.variants
         if args.command == "pipeline":
             jobs = run_pipeline(spark, cfg, from_stage=args.from_stage, to_stage=args.to_stage, force=args.force)
             print(pipeline_summary(jobs, time.perf_counter() - t0))

@@ -62,7 +62,7 @@ def parse_overrides(text: str) -> list[str]:
 
 def config_from_widgets(dbutils: Any) -> Any:
     """Load the configuration from the common widgets (and record ``run_date``)."""
-    from hymirec_udfs.config import load_config
+    from hymirec_udfs.core.config import load_config
 
     run_date = dbutils.widgets.get("run_date")
     if run_date:

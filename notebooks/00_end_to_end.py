@@ -47,8 +47,8 @@ force = dbutils.widgets.get("force").lower() == "true"
 import time
 
 from hymirec_udfs.cli import pipeline_summary
-from hymirec_udfs.spark import get_spark
-from hymirec_udfs.stages import run_pipeline
+from hymirec_udfs.core.spark import get_spark
+from hymirec_udfs.pipeline import run_pipeline
 
 spark = get_spark(cfg)  # on Databricks: the cluster's session
 started = time.perf_counter()

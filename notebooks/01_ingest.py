@@ -6,7 +6,7 @@
 # MAGIC ml-1m or PixelRec-style CSV/Parquet via `ingest.*`) into the `items`, `interactions` and
 # MAGIC `quarantine` tables.
 # MAGIC
-# MAGIC Calls `hymirec_udfs.stages.run_stage(spark, cfg, "ingest")`, the same function as
+# MAGIC Calls `hymirec_udfs.pipeline.run_stage(spark, cfg, "ingest")`, the same function as
 # MAGIC `jobs/ingest.py` and the `hymirec` CLI; the run is recorded in `job_runs` and MLflow.
 # MAGIC
 # MAGIC ## Widgets
@@ -37,8 +37,8 @@ cfg = config_from_widgets(dbutils)
 # COMMAND ----------
 
 from hymirec_udfs.cli import job_summary
-from hymirec_udfs.spark import get_spark
-from hymirec_udfs.stages import run_stage
+from hymirec_udfs.core.spark import get_spark
+from hymirec_udfs.pipeline import run_stage
 
 spark = get_spark(cfg)  # on Databricks: the cluster's session
 job = run_stage(spark, cfg, "ingest")

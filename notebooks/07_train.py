@@ -5,7 +5,7 @@
 # MAGIC Trains the multi-interest recommender with `TorchDistributor` (DDP) and logs the run and model to
 # MAGIC MLflow. Use a GPU cluster.
 # MAGIC
-# MAGIC Calls `hymirec_udfs.stages.run_stage(spark, cfg, "train")`, the same function as
+# MAGIC Calls `hymirec_udfs.pipeline.run_stage(spark, cfg, "train")`, the same function as
 # MAGIC `jobs/train.py` and the `hymirec` CLI; the run is recorded in `job_runs` and MLflow.
 # MAGIC
 # MAGIC ## Widgets
@@ -36,8 +36,8 @@ cfg = config_from_widgets(dbutils)
 # COMMAND ----------
 
 from hymirec_udfs.cli import job_summary
-from hymirec_udfs.spark import get_spark
-from hymirec_udfs.stages import run_stage
+from hymirec_udfs.core.spark import get_spark
+from hymirec_udfs.pipeline import run_stage
 
 spark = get_spark(cfg)  # on Databricks: the cluster's session
 job = run_stage(spark, cfg, "train")

@@ -16,7 +16,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory):
     """The one SparkSession of the test run (local[2], few shuffle partitions)."""
-    from hymirec_udfs.spark import get_spark
+    from hymirec_udfs.core.spark import get_spark
 
     session = get_spark(
         master="local[2]",
@@ -32,7 +32,7 @@ def spark(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., "object"]:
     """Build a config whose work dir is a fresh tmp dir (tracking off unless asked)."""
-    from hymirec_udfs.config import load_config
+    from hymirec_udfs.core.config import load_config
 
     def _make(*overrides: str, profiles: Sequence[str] = ("local",), tracking: bool = False):
         sets = [f"paths.work_dir={tmp_path / 'work'}", f"tracking.enabled={'true' if tracking else 'false'}"]
@@ -44,7 +44,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., "object"]:
 @pytest.fixture
 def store(spark, make_cfg):
     """A delta-rs table store over a fresh work dir."""
-    from hymirec_udfs.tables import get_table_store
+    from hymirec_udfs.core.tables import get_table_store
 
     return get_table_store(spark, make_cfg())
 

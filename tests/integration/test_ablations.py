@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hymirec_udfs import ablations, schemas
-from hymirec_udfs.config import load_config
+from hymirec_udfs.ablations import variants as ablations
+from hymirec_udfs.core import schemas
+from hymirec_udfs.core.config import load_config
 
 TINY = [
     "ingest.source=synthetic", "synthetic.n_items=120", "synthetic.n_users=30", "synthetic.mean_history=10",
@@ -70,9 +71,9 @@ def test_variant_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_two_variants_end_to_end(spark, make_cfg, tiny_llama_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
-    from hymirec_udfs.models import ItemStore
-    from hymirec_udfs.stages import run_pipeline, run_stage
-    from hymirec_udfs.tables import get_table_store
+    from hymirec_udfs.recommender.item_store import ItemStore
+    from hymirec_udfs.pipeline import run_pipeline, run_stage
+    from hymirec_udfs.core.tables import get_table_store
 
     cfg = make_cfg(f"embed.model={tiny_llama_dir}", *TINY, tracking=True)
     run_pipeline(spark, cfg, to_stage="build-sequences", echo=lambda _: None)
@@ -80,7 +81,7 @@ def test_two_variants_end_to_end(spark, make_cfg, tiny_llama_dir, monkeypatch: p
     tables_before = {t: store.version(t) for t in (schemas.CODEBOOKS, schemas.ITEM_CODES)}
 
     monkeypatch.setenv(ablations.ENV_VARIANTS, "euclidean codebook,hymirec")
-    job = run_stage(spark, cfg, ablations.ABLATIONS_SPEC)
+    job = run_stage(spark, cfg, "ablations")
     variants = ["hymirec", "euclidean codebook"]
     assert job.status == "success" and job.row_counts == {"variants": 2}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hymirec_udfs import schemas
-from hymirec_udfs.stages import run_stage
+from hymirec_udfs.core import schemas
+from hymirec_udfs.pipeline import run_stage
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.spark, pytest.mark.integration]
 def test_ingest_real_ml100k(spark, make_cfg) -> None:
     import mlflow
 
-    from hymirec_udfs.tables import get_table_store
+    from hymirec_udfs.core.tables import get_table_store
 
     cfg = make_cfg(tracking=True)
     job = run_stage(spark, cfg, "ingest")

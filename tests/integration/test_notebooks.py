@@ -94,9 +94,9 @@ def test_set_widget_accepts_lines_or_semicolons(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.spark
 @pytest.mark.integration
 def test_ingest_notebook_runs_locally_on_ml100k(spark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hymirec_udfs import schemas
-    from hymirec_udfs.config import load_config
-    from hymirec_udfs.tables import get_table_store
+    from hymirec_udfs.core import schemas
+    from hymirec_udfs.core.config import load_config
+    from hymirec_udfs.core.tables import get_table_store
 
     work = tmp_path / "work"
     monkeypatch.setenv("HYMIREC_WIDGET_PROFILE", "local")

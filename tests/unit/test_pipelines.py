@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from hymirec_udfs.cli import STAGE_COMMANDS
+from hymirec_udfs.cli import build_parser, stage_commands
+from hymirec_udfs.pipeline import STAGES as REGISTRY
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
@@ -31,18 +32,12 @@ CRON = REPO / "pipelines" / "cron" / "run_pipeline.sh"
 BUNDLE = REPO / "pipelines" / "databricks"
 AIRFLOW_DAGS = REPO / "pipelines" / "airflow"
 
-# stage -> (CLI command, uses GPUs), in pipeline order; the optional stage 1 last.
-STAGES: dict[str, tuple[str, bool]] = {
-    "ingest": ("ingest", False),
-    "embed_items": ("embed", True),
-    "fit_codebook": ("fit-codebook", False),
-    "encode_items": ("encode", False),
-    "build_sequences": ("build-sequences", False),
-    "train": ("train", True),
-    "evaluate": ("evaluate", False),
-    "train_content_encoder": ("train-content-encoder", True),
-}
-MAIN_CHAIN = [s for s in STAGES if s != "train_content_encoder"]
+# stage -> (CLI command, uses GPUs), from the registry: the one stage list. Every check
+# below compares a job file, the DAGs or the bundle against it, so a stage added to the
+# registry and not to them (or the other way round) fails here.
+STAGES: dict[str, tuple[str, bool]] = {spec.name: (spec.cli, spec.gpu) for spec in REGISTRY.values()}
+# the stages that always run, in order (optional ones, like stage 1, sit behind a gate)
+MAIN_CHAIN = [spec.name for spec in REGISTRY.values() if not spec.enabled]
 
 
 # --------------------------------------------------------------------------- jobs/
@@ -58,8 +53,19 @@ def test_job_file_calls_job_main_with_the_cli_name(stage: str) -> None:
     ]
     assert len(calls) == 1, f"{path} must call job_main once"
     assert [a.value for a in calls[0].args] == [STAGES[stage][0]]
-    assert STAGES[stage][0] in STAGE_COMMANDS
+    assert STAGES[stage][0] in stage_commands()
     assert ast.get_docstring(tree), f"{path} needs a docstring with its spark-submit line"
+
+
+def test_every_job_file_is_a_registered_stage() -> None:
+    assert sorted(p.stem for p in JOBS.glob("*.py")) == sorted(STAGES)
+
+
+def test_cli_offers_every_registered_stage() -> None:
+    parser = build_parser()
+    for spec in REGISTRY.values():
+        args = parser.parse_args([spec.cli, "--set", "train.epochs=1"])
+        assert args.command == spec.cli
 
 
 # --------------------------------------------------------------------------- cron

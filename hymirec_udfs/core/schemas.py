@@ -1,0 +1,184 @@
+"""Table names, column names and schemas: declared once, checked on every write.
+
+Schemas are declared as Arrow schemas because both storage engines speak Arrow: delta-rs
+writes them directly and Spark's type is derived with ``spark_schema(name)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql.types import StructType
+
+
+# Table names ------------------------------------------------------------------------------
+ITEMS = "items"
+INTERACTIONS = "interactions"
+QUARANTINE = "quarantine"
+ITEM_EMBEDDINGS = "item_embeddings"
+CODEBOOKS = "codebooks"
+ITEM_CODES = "item_codes"
+SEQUENCES = "sequences"
+EVAL_PER_USER = "eval_per_user"
+EVAL_METRICS = "eval_metrics"
+JOB_RUNS = "job_runs"
+
+# Column names shared across tables ---------------------------------------------------------
+ITEM_ID = "item_id"
+USER_ID = "user_id"
+TIMESTAMP = "timestamp"
+TEXT = "text"
+EMBEDDING = "embedding"
+MODEL_ID = "model_id"
+CONTENT_HASH = "content_hash"
+_TS = pa.timestamp("us", tz="UTC")
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    ITEMS: pa.schema(
+        [
+            pa.field(ITEM_ID, pa.string(), nullable=False),
+            pa.field("title", pa.string()),
+            pa.field("description", pa.string()),
+            pa.field("tags", pa.string()),
+            pa.field(TEXT, pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("ingested_at", _TS, nullable=False),
+        ]
+    ),
+    INTERACTIONS: pa.schema(
+        [
+            pa.field(USER_ID, pa.string(), nullable=False),
+            pa.field(ITEM_ID, pa.string(), nullable=False),
+            pa.field(TIMESTAMP, pa.int64(), nullable=False),
+            pa.field("rating", pa.float64()),
+            pa.field("source", pa.string(), nullable=False),
+        ]
+    ),
+    QUARANTINE: pa.schema(
+        [
+            pa.field("stage", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("record_key", pa.string()),
+            pa.field("raw_record", pa.string()),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("quarantined_at", _TS, nullable=False),
+        ]
+    ),
+    ITEM_EMBEDDINGS: pa.schema(
+        [
+            pa.field(ITEM_ID, pa.string(), nullable=False),
+            pa.field(EMBEDDING, pa.list_(pa.float32()), nullable=False),
+            pa.field("dim", pa.int32(), nullable=False),
+            pa.field(MODEL_ID, pa.string(), nullable=False),
+            pa.field(CONTENT_HASH, pa.string(), nullable=False),
+            pa.field("embedded_at", _TS, nullable=False),
+        ]
+    ),
+    CODEBOOKS: pa.schema(
+        [
+            pa.field("version", pa.string(), nullable=False),
+            pa.field("layer", pa.int32(), nullable=False),
+            pa.field("code", pa.int32(), nullable=False),
+            pa.field("centroid", pa.list_(pa.float32()), nullable=False),
+            pa.field("metric", pa.string(), nullable=False),
+            pa.field("cluster_size_fit", pa.int64(), nullable=False),
+            pa.field("model_id", pa.string(), nullable=False),
+            pa.field("fit_stats", pa.string()),
+            pa.field("created_at", _TS, nullable=False),
+        ]
+    ),
+    ITEM_CODES: pa.schema(
+        [
+            pa.field(ITEM_ID, pa.string(), nullable=False),
+            pa.field("codes", pa.list_(pa.int16()), nullable=False),
+            pa.field("coefs", pa.list_(pa.float32()), nullable=False),
+            pa.field("codebook_version", pa.string(), nullable=False),
+            pa.field("recon_cosine", pa.float32(), nullable=False),
+        ]
+    ),
+    SEQUENCES: pa.schema(
+        [
+            pa.field(USER_ID, pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("cut", pa.int32(), nullable=False),
+            pa.field("long_ids", pa.list_(pa.string()), nullable=False),
+            pa.field("recent_ids", pa.list_(pa.string()), nullable=False),
+            pa.field("target_ids", pa.list_(pa.string()), nullable=False),
+            pa.field("exclude_ids", pa.list_(pa.string()), nullable=False),
+        ]
+    ),
+    EVAL_PER_USER: pa.schema(
+        [
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field(USER_ID, pa.string(), nullable=False),
+            pa.field("target_id", pa.string(), nullable=False),
+            pa.field("rank", pa.int64(), nullable=False),
+            pa.field("target_in_catalog", pa.bool_(), nullable=False),
+            pa.field("hit", pa.map_(pa.int32(), pa.bool_()), nullable=False),
+            pa.field("ndcg", pa.map_(pa.int32(), pa.float64()), nullable=False),
+            pa.field("interest_diversity", pa.float64()),
+        ]
+    ),
+    EVAL_METRICS: pa.schema(
+        [
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("k", pa.int32(), nullable=False),
+            pa.field("recall", pa.float64(), nullable=False),
+            pa.field("ndcg", pa.float64(), nullable=False),
+            pa.field("mrr", pa.float64(), nullable=False),
+            pa.field("users", pa.int64(), nullable=False),
+            pa.field("users_target_absent", pa.int64(), nullable=False),
+            pa.field("evaluated_at", _TS, nullable=False),
+        ]
+    ),
+    JOB_RUNS: pa.schema(
+        [
+            pa.field("stage", pa.string(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("pipeline_run_id", pa.string()),
+            pa.field("mlflow_run_id", pa.string()),
+            pa.field("profile", pa.string()),
+            pa.field("config_hash", pa.string(), nullable=False),
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("input_versions", pa.map_(pa.string(), pa.int64())),
+            pa.field("output_versions", pa.map_(pa.string(), pa.int64())),
+            pa.field("row_counts", pa.map_(pa.string(), pa.int64())),
+            pa.field("summary", pa.string()),
+            pa.field("error", pa.string()),
+            pa.field("started_at", _TS, nullable=False),
+            pa.field("wall_s", pa.float64(), nullable=False),
+        ]
+    ),
+}
+
+
+# Keys used by merge-by-key upserts.
+MERGE_KEYS: dict[str, tuple[str, ...]] = {
+    ITEMS: (ITEM_ID,),
+    ITEM_EMBEDDINGS: (ITEM_ID, MODEL_ID),
+    ITEM_CODES: (ITEM_ID,),
+    EVAL_PER_USER: ("model", "run_id", "split", USER_ID),
+    EVAL_METRICS: ("model", "run_id", "split", "k"),
+}
+
+
+def arrow_schema(name: str) -> pa.Schema:
+    """The declared Arrow schema of table ``name`` (KeyError names unknown tables)."""
+    try:
+        return TABLE_SCHEMAS[name]
+    except KeyError:
+        raise KeyError(f"unknown table '{name}'; declared tables: {sorted(TABLE_SCHEMAS)}") from None
+
+
+def spark_schema(name: str) -> "StructType":
+    """The declared schema of table ``name`` as a Spark StructType."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(arrow_schema(name))

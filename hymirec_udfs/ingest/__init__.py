@@ -1,0 +1,3 @@
+"""Stage ``ingest``: raw files (ml-100k, ml-1m, CSV/Parquet, synthetic) -> ``items``,
+``interactions``, ``quarantine``.
+"""

@@ -1,0 +1,316 @@
+"""Stage-2 data: the ``sequences`` files read per rank, padded into batches.
+
+Each rank reads its share of the table's Parquet files (:func:`hymirec_udfs.training.ddp.
+shard_files`); ranks run the same number of steps per epoch (the smallest share decides)
+so DDP collectives always pair up.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from hymirec_udfs.core import schemas
+from hymirec_udfs.core.config import SequencesConfig
+from hymirec_udfs.recommender.item_store import ItemStore
+from hymirec_udfs.training.ddp import shard_files
+
+if TYPE_CHECKING:  # pragma: no cover
+
+    from hymirec_udfs.recommender.item_store import ItemStore
+
+
+# Sequences table columns (the contract with the build_sequences stage).
+COL_USER = schemas.USER_ID
+COL_SPLIT = "split"
+COL_CUT = "cut"
+COL_LONG = "long_ids"
+COL_RECENT = "recent_ids"
+COL_TARGET = "target_ids"
+COL_EXCLUDE = "exclude_ids"
+_SPLIT_DIR = re.compile(r"(?:^|[/\\])split=([^/\\]+)")
+
+
+@dataclass
+class Batch:
+    """One collated batch; index tensors are catalog indices, left-padded with 0.
+
+    Attributes:
+        long_idx: (B, Lh) long history, oldest first.
+        recent_idx: (B, n) recent window, oldest first.
+        target_idx: (B, w) targets (train: next w items; valid/test: the held-out item).
+        target_mask: (B, w) bool, True for real targets.
+        exclude_idx: (B, H) distinct history items to drop from the ranking (target and
+            padding removed); (B, 0) for training batches.
+        user_ids: the samples' users, for error messages.
+    """
+
+    long_idx: torch.Tensor
+    recent_idx: torch.Tensor
+    target_idx: torch.Tensor
+    target_mask: torch.Tensor
+    exclude_idx: torch.Tensor
+    user_ids: list[str]
+
+    def to(self, device: torch.device) -> "Batch":
+        """The batch with its tensors on ``device``."""
+        return Batch(
+            long_idx=self.long_idx.to(device, non_blocking=True),
+            recent_idx=self.recent_idx.to(device, non_blocking=True),
+            target_idx=self.target_idx.to(device, non_blocking=True),
+            target_mask=self.target_mask.to(device, non_blocking=True),
+            exclude_idx=self.exclude_idx.to(device, non_blocking=True),
+            user_ids=self.user_ids,
+        )
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+@dataclass
+class _Ragged:
+    """A list column as catalog indices in CSR form (values[starts[i]:ends[i]])."""
+
+    values: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    def row(self, i: int, keep_last: int = 0) -> np.ndarray:
+        start, end = int(self.starts[i]), int(self.ends[i])
+        if keep_last and end - start > keep_last:
+            start = end - keep_last
+        return self.values[start:end]
+
+    @staticmethod
+    def concat(parts: list["_Ragged"]) -> "_Ragged":
+        values, starts, ends, base = [], [], [], 0
+        for p in parts:
+            values.append(p.values)
+            starts.append(p.starts + base)
+            ends.append(p.ends + base)
+            base += len(p.values)
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return _Ragged(np.zeros(0, dtype=np.int32), empty, empty)
+        return _Ragged(np.concatenate(values), np.concatenate(starts), np.concatenate(ends))
+
+    def take(self, rows: np.ndarray) -> "_Ragged":
+        return _Ragged(self.values, self.starts[rows], self.ends[rows])
+
+
+
+def _split_from_path(path: str) -> Optional[str]:
+    # Delta/Hive partitioning stores the partition value in the path, not in the file.
+    match = _SPLIT_DIR.findall(path)
+    return match[-1] if match else None
+
+
+class SequenceDataset:
+    """Samples of the ``sequences`` table mapped to catalog indices.
+
+    Ids are looked up in the item store once at load time (in Arrow, without Python
+    strings); an id with no embedding/code raises a KeyError naming the file, the column,
+    the users and the ids.
+
+    Args:
+        files: Parquet files (the rank's share is selected here).
+        item_store: catalog.
+        split: keep rows of this split (``train``, ``valid``, ``test``); files whose
+            ``split=`` partition directory names another split are skipped; None keeps
+            everything.
+        max_long: long history kept (most recent items).
+        recent_window: recent items kept.
+        rank: this rank.
+        world_size: number of ranks.
+        with_exclude: also load ``exclude_ids`` (evaluation).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        item_store: ItemStore,
+        *,
+        split: Optional[str] = "train",
+        max_long: int = SequencesConfig.max_long,
+        recent_window: int = SequencesConfig.recent_window,
+        rank: int = 0,
+        world_size: int = 1,
+        with_exclude: bool = False,
+    ) -> None:
+        import pyarrow as pa
+
+        if max_long < 0 or recent_window < 1:
+            raise ValueError(f"need max_long >= 0 and recent_window >= 1, got {max_long}, {recent_window}")
+        self.item_store = item_store
+        self.max_long = max_long
+        self.recent_window = recent_window
+        self.with_exclude = with_exclude
+        my_files, split_rows = shard_files(files, rank, world_size)
+        self.files = my_files
+        users: list[np.ndarray] = []
+        cols: dict[str, list[_Ragged]] = {COL_LONG: [], COL_RECENT: [], COL_TARGET: [], COL_EXCLUDE: []}
+        wanted = [COL_LONG, COL_RECENT, COL_TARGET] + ([COL_EXCLUDE] if with_exclude else [])
+        offset = 0
+        for path in my_files:
+            table = self._read(path, split, wanted)
+            n = table.num_rows
+            if split_rows:
+                keep = np.nonzero((np.arange(offset, offset + n) % world_size) == rank)[0]
+                offset += n
+                table = table.take(pa.array(keep))
+            if table.num_rows == 0:
+                continue
+            user_col = np.asarray(table.column(COL_USER).cast(pa.string()).to_pylist(), dtype=object)
+            users.append(user_col)
+            for name in wanted:
+                cols[name].append(self._index_column(table.column(name), name, user_col, path))
+        self.user_ids = np.concatenate(users) if users else np.zeros(0, dtype=object)
+        self.long = _Ragged.concat(cols[COL_LONG])
+        self.recent = _Ragged.concat(cols[COL_RECENT])
+        self.target = _Ragged.concat(cols[COL_TARGET])
+        self.exclude = _Ragged.concat(cols[COL_EXCLUDE]) if with_exclude else None
+        self.max_targets = int((self.target.ends - self.target.starts).max()) if len(self) else 0
+
+    @property
+    def long_lengths(self) -> np.ndarray:
+        """Long-history length of every sample after truncation to ``max_long``."""
+        return np.minimum(self.long.ends - self.long.starts, self.max_long)
+
+    @staticmethod
+    def _read(path: str, split: Optional[str], wanted: list[str]) -> Any:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        path_split = _split_from_path(path)
+        schema = pq.read_schema(path)
+        missing = [c for c in [COL_USER] + wanted if c not in schema.names]
+        if missing:
+            raise ValueError(f"{path}: sequences file lacks column(s) {missing} (has {schema.names})")
+        columns = [COL_USER] + wanted
+        if split is not None and path_split is not None and path_split != split:
+            return pq.read_table(path, columns=columns).slice(0, 0)
+        has_split = COL_SPLIT in schema.names
+        table = pq.read_table(path, columns=columns + ([COL_SPLIT] if has_split else []))
+        if split is not None and has_split:
+            table = table.filter(pc.equal(table.column(COL_SPLIT), split))
+        return table.select(columns)
+
+    def _index_column(self, column: Any, name: str, users: np.ndarray, path: str) -> _Ragged:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        lengths = np.asarray(pc.list_value_length(arr).fill_null(0), dtype=np.int64)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        flat = pc.list_flatten(arr)
+        idx = self.item_store.lookup(flat)
+        bad = idx < 0
+        if bad.any():
+            bad_pos = np.nonzero(bad)[0]
+            rows = np.searchsorted(ends, bad_pos, side="right")
+            bad_users = list(dict.fromkeys(users[rows].tolist()))
+            bad_ids = list(dict.fromkeys(flat.take(pa.array(bad_pos[:50])).to_pylist()))
+            raise KeyError(
+                f"{path}: column {name} of user(s) {bad_users[:5]} names {int(bad.sum())} item "
+                f"occurrence(s) with no embedding/code in the item store, e.g. {bad_ids[:5]}"
+            )
+        return _Ragged(idx.astype(np.int32), starts, ends)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def collate(self, rows: Sequence[int] | np.ndarray) -> Batch:
+        """Collate samples into a left-padded batch.
+
+        Args:
+            rows: sample positions in this dataset.
+
+        Returns:
+            The batch (CPU tensors).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        bsz = len(rows)
+        longs = [self.long.row(r, self.max_long) if self.max_long else self.long.values[:0] for r in rows]
+        recents = [self.recent.row(r, self.recent_window) for r in rows]
+        targets = [self.target.row(r) for r in rows]
+
+        def left_pad(seqs: list[np.ndarray], width: int) -> np.ndarray:
+            out = np.zeros((bsz, width), dtype=np.int64)
+            for i, seq in enumerate(seqs):
+                if len(seq):
+                    out[i, width - len(seq):] = seq
+            return out
+
+        long_w = max([len(x) for x in longs] + [1])
+        recent_w = max([len(x) for x in recents] + [1])
+        w = max([len(x) for x in targets] + [1])
+        target = np.zeros((bsz, w), dtype=np.int64)
+        for i, seq in enumerate(targets):
+            target[i, : len(seq)] = seq  # targets are right-padded: t_1 is column 0
+        if self.exclude is not None:
+            excl = []
+            for i, r in enumerate(rows):
+                ex = np.unique(self.exclude.row(r))
+                excl.append(ex[(ex != target[i, 0]) & (ex != 0)])
+            exclude = left_pad(excl, max([len(x) for x in excl] + [0]))
+        else:
+            exclude = np.zeros((bsz, 0), dtype=np.int64)
+        target_t = torch.from_numpy(target)
+        return Batch(
+            long_idx=torch.from_numpy(left_pad(longs, long_w)),
+            recent_idx=torch.from_numpy(left_pad(recents, recent_w)),
+            target_idx=target_t,
+            target_mask=target_t != 0,
+            exclude_idx=torch.from_numpy(exclude),
+            user_ids=[str(u) for u in self.user_ids[rows]],
+        )
+
+    def batches(self, batch_size: int, order: Optional[np.ndarray] = None) -> Iterator[Batch]:
+        """Consecutive batches over ``order`` (default: file order)."""
+        order = np.arange(len(self)) if order is None else order
+        for start in range(0, len(order), batch_size):
+            yield self.collate(order[start : start + batch_size])
+
+
+def epoch_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket_batches: int = 50
+) -> list[np.ndarray]:
+    """One epoch's batches: shuffled, with length bucketing.
+
+    The shuffled samples are cut into windows of ``bucket_batches`` batches; inside a
+    window samples are sorted by long-history length before being cut into batches, and
+    the batches are shuffled again. A batch is padded to its longest history, and the
+    lightweight transformer's cost grows with the square of that length, so grouping
+    similar lengths saves most of the padding work while every sample is still seen once
+    per epoch in a random batch order.
+
+    Args:
+        lengths: (n,) long-history length of every sample (after truncation).
+        batch_size: samples per batch.
+        rng: generator seeded from (seed, epoch, rank), so a resumed run rebuilds the
+            same batches.
+        bucket_batches: batches per sorting window; 0 or 1 disables bucketing.
+
+    Returns:
+        Arrays of sample positions, ``ceil(n / batch_size)`` of them.
+    """
+    n = len(lengths)
+    order = rng.permutation(n)
+    if bucket_batches <= 1:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    window = batch_size * bucket_batches
+    batches: list[np.ndarray] = []
+    for start in range(0, n, window):
+        part = order[start : start + window]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class TrainStageError(ValueError):
+    """Training inputs are unusable (no samples, items without embeddings or codes)."""

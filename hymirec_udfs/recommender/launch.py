@@ -1,0 +1,121 @@
+"""Train one stage-2 model on TorchDistributor ranks and log it to the calling stage's MLflow run.
+
+Checkpoints live in a directory named by the model type and a hash of everything the
+result depends on (config sections and input table versions), so a run that is killed
+and started again with the same inputs resumes from its last checkpoint. Used by the
+``train``, ``evaluate`` (baselines) and ``ablations`` stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hymirec_udfs.core import schemas
+from hymirec_udfs.core.choices import ModelType
+from hymirec_udfs.core.config import Config
+from hymirec_udfs.core.stage_api import StageContext
+from hymirec_udfs.recommender.data import TrainStageError
+from hymirec_udfs.training.launch import run_distributed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
+
+    from hymirec_udfs.recommender.item_store import ItemStore
+
+
+def needs_codes(model_type: str, cfg: Config) -> bool:
+    """Whether ``model_type`` under ``cfg`` reads item codes (HyMiRec's codebook long history)."""
+    return model_type == ModelType.HYMIREC and cfg.model.use_codebook and cfg.model.use_light
+
+
+def require_training_samples(ctx: StageContext) -> None:
+    """Fail early, naming the table, when ``sequences`` has no training sample.
+
+    Raises:
+        TrainStageError: no row of split ``train``.
+    """
+    from pyspark.sql import functions as F
+
+    seqs = ctx.read(schemas.SEQUENCES)
+    if seqs.where(F.col("split") == "train").limit(1).count() == 0:
+        raise TrainStageError("table 'sequences' has no training samples: run build-sequences first")
+
+
+def run_training(
+    spark: "SparkSession", cfg: Config, ctx: StageContext, model_type: str, item_store: "ItemStore", *,
+    prefix: str = "", custom_store: bool = False,
+) -> dict[str, Any]:
+    """Train ``model_type`` on the current sequences; returns rank 0's result.
+
+    Used by the ``train`` stage and by evaluation (baselines, ablations).
+
+    Args:
+        spark: the session.
+        cfg: configuration (its model/dmil/train sections define the variant).
+        ctx: the calling stage's context (inputs are pinned and recorded there).
+        model_type: ``hymirec``, ``sasrec`` or ``hllm``.
+        prefix: MLflow name prefix, so several models can log into one run.
+        item_store: the catalog (:func:`hymirec_udfs.artifacts.build_item_store`, or e.g. an
+            ablation's own codebook).
+        custom_store: ``item_store`` is not the tables' catalog (its checkpoints then live
+            in a directory of their own, keyed by ``prefix``).
+    """
+    require_training_samples(ctx)
+    files = ctx.store.files(schemas.SEQUENCES, ctx.input_versions[schemas.SEQUENCES])
+    model_type = ModelType(model_type).value  # a plain str: it is pickled into checkpoints
+    store = item_store
+
+    key = json.dumps({"type": model_type, "cfg": cfg.section_hash("sequences", "model", "dmil", "train"),
+                      "inputs": ctx.input_versions, "store": prefix if custom_store else ""},
+                     sort_keys=True)
+    run_dir = cfg.checkpoints_dir / f"{model_type}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store_path = str(run_dir / "item_store.npz")
+    store.save(store_path)
+    metrics_path = str(run_dir / "metrics.jsonl")
+    kwargs = dict(
+        model_type=model_type, model_cfg=cfg.model, dmil_cfg=cfg.dmil, train_cfg=cfg.train,
+        item_store_path=store_path, train_files=files, valid_files=files, checkpoint_dir=str(run_dir),
+        metrics_path=metrics_path, max_long=cfg.sequences.max_long, recent_window=cfg.sequences.recent_window,
+        chunk_items=cfg.evaluate.chunk_items, bucket_batches=cfg.train.bucket_batches,
+    )
+    ctx.logger.params({f"{prefix}model_type": model_type, f"{prefix}checkpoint_dir": str(run_dir),
+                       f"{prefix}n_items": store.n_items, f"{prefix}sequence_files": len(files)})
+    result = run_distributed("hymirec_udfs.recommender.train:train", kwargs, run_dir, cfg)
+    _log_training(ctx, metrics_path, result, model_type, prefix)
+    result["checkpoint_dir"] = str(run_dir)
+    return result
+
+
+def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], model_type: str, prefix: str) -> None:
+    """Per-step/epoch metrics, the final model and its item store to the MLflow run."""
+    if not ctx.logger.active:
+        return
+    import mlflow
+
+    if Path(metrics_path).exists():
+        for line in Path(metrics_path).read_text().splitlines():
+            record = json.loads(line)
+            step = int(record.get("step", 0))
+            ctx.logger.metrics({f"{prefix}{k}": v for k, v in record.items() if k not in ("step", "kind")}, step=step)
+        ctx.logger.artifact(metrics_path, f"{prefix}training")
+    ctx.logger.dict(result, f"{prefix}training/result.json")
+    checkpoint = result.get("best_checkpoint") or result.get("last_checkpoint")
+    if checkpoint:
+        import mlflow.pytorch
+
+        from hymirec_udfs.recommender.train import load_trained_model
+
+        model = load_trained_model(checkpoint)
+        # Pickle format: the model takes index tensors, so there is no array example to
+        # trace a pt2 graph from; requirements are given so MLflow does not re-import it.
+        mlflow.pytorch.log_model(
+            model, name=f"{prefix.strip('.')}_model" if prefix else "model", serialization_format="pickle",
+            pip_requirements=["torch", "transformers", "hymirec"],
+        )
+        ctx.logger.artifact(checkpoint, f"{prefix}checkpoint")
+        ctx.logger.artifact(str(Path(checkpoint).parent / "item_store.npz"), f"{prefix}checkpoint")
+        ctx.logger.tags({f"hymirec.{prefix}model_type": model_type, f"hymirec.{prefix}checkpoint": checkpoint})

@@ -1,0 +1,620 @@
+"""Stage-2 recommenders: HyMiRec and the SASRec / HLLM baselines (METHOD.md "Stage 2").
+
+All three models share one interface used by training and evaluation:
+
+* ``forward(long_idx, recent_idx) -> user_vecs`` with ``long_idx`` (B, Lh) and
+  ``recent_idx`` (B, n) catalog indices, oldest first, **left-padded** with 0;
+  ``user_vecs`` is (B, s, d) (s = 1 for the baselines).
+* ``item_vectors() -> (N+1, d)``: the vectors items are ranked with (row 0 = padding).
+* ``score_items(user_vecs)`` / :func:`score_against`: a user's score for item i is
+  ``max_j <u_j, v_i>``. HyMiRec and HLLM return unit vectors on both sides, so this dot
+  product *is* the cosine of METHOD.md's evaluation protocol; SASRec returns raw vectors
+  and is ranked by the raw dot product its softmax was trained with. Evaluation therefore
+  never needs to know the model type: it always takes the dot product of ``forward``'s
+  output with ``item_vectors()``.
+
+Positions are counted by recency (0 = most recent item), so adding left padding never
+changes a prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hymirec_udfs.core.choices import ModelType
+from hymirec_udfs.core.config import DmilConfig, ModelConfig
+from hymirec_udfs.recommender.dmil import dmil_loss, select_targets
+from hymirec_udfs.recommender.item_store import ItemStore
+
+# TinyLlama-1.1B's decoder shape, for the GPU profile (random weights for speed work or a
+# real checkpoint through ``llm_checkpoint``). Keys are ModelConfig fields.
+TINYLLAMA_1_1B_SIZES: dict[str, int] = {
+    "llm_hidden": 2048,
+    "llm_layers": 22,
+    "llm_heads": 32,
+    "llm_kv_heads": 4,
+    "llm_intermediate": 5632,
+}
+
+
+# Long-history position table size when no ``max_long`` is given; longer inputs raise.
+DEFAULT_MAX_POSITIONS = 1024
+
+
+def recency_positions(idx: torch.Tensor) -> torch.Tensor:
+    """Position of each entry counted from the most recent valid one (0), pads get 0.
+
+    Args:
+        idx: (B, L) indices, 0 = padding, left-padded.
+
+    Returns:
+        (B, L) long positions.
+    """
+    valid = (idx != 0).long()
+    after = valid.flip(1).cumsum(1).flip(1)  # valid entries at or after each position
+    return (after - 1).clamp(min=0) * valid
+
+
+def score_against(user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+    """``max_j <u_j, v_i>`` for every user and item.
+
+    Args:
+        user_vecs: (B, s, d).
+        item_vecs: (M, d), or (B, M, d) for per-user item lists.
+
+    Returns:
+        (B, M) scores.
+    """
+    if item_vecs.dim() == 2:
+        return torch.einsum("bsd,md->bsm", user_vecs, item_vecs).amax(1)
+    return torch.einsum("bsd,bmd->bsm", user_vecs, item_vecs).amax(1)
+
+
+def _linear_or_identity(d_in: int, d_out: int) -> nn.Module:
+    # METHOD.md: projections bridge D and the model widths only when they differ.
+    return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
+
+
+def _check_widths(cfg: ModelConfig) -> None:
+    if cfg.interests < 1:
+        raise ValueError(f"model.interests must be >= 1, got {cfg.interests}")
+    if cfg.use_light:
+        if cfg.coarse_queries < 1:
+            raise ValueError(f"model.coarse_queries must be >= 1 with use_light, got {cfg.coarse_queries}")
+        if cfg.light_width < 1 or cfg.light_heads < 1 or cfg.light_width % cfg.light_heads:
+            raise ValueError(
+                f"model.light_width ({cfg.light_width}) must be a positive multiple of "
+                f"model.light_heads ({cfg.light_heads})"
+            )
+        if cfg.light_layers < 1:
+            raise ValueError(f"model.light_layers must be >= 1, got {cfg.light_layers}")
+    if not cfg.llm_checkpoint:
+        if cfg.llm_heads < 1 or cfg.llm_hidden % cfg.llm_heads:
+            raise ValueError(
+                f"model.llm_hidden ({cfg.llm_hidden}) must be divisible by model.llm_heads ({cfg.llm_heads})"
+            )
+        if (cfg.llm_hidden // cfg.llm_heads) % 2:
+            raise ValueError(
+                f"LLM head dim llm_hidden/llm_heads = {cfg.llm_hidden // cfg.llm_heads} must be even (RoPE)"
+            )
+        if cfg.llm_kv_heads < 1 or cfg.llm_heads % cfg.llm_kv_heads:
+            raise ValueError(
+                f"model.llm_heads ({cfg.llm_heads}) must be divisible by model.llm_kv_heads ({cfg.llm_kv_heads})"
+            )
+        if cfg.llm_layers < 1 or cfg.llm_intermediate < 1:
+            raise ValueError("model.llm_layers and model.llm_intermediate must be >= 1")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
+
+
+def build_llm(cfg: ModelConfig, max_positions: int) -> tuple[nn.Module, int]:
+    """The LLM recommender's transformers decoder and its hidden size.
+
+    Args:
+        cfg: model configuration (``llm_checkpoint`` or the ``llm_*`` sizes).
+        max_positions: longest input sequence (coarse + recent + queries).
+
+    Returns:
+        ``(model, hidden_size)``.
+    """
+    if cfg.llm_checkpoint:
+        from transformers import AutoModel
+
+        llm = AutoModel.from_pretrained(cfg.llm_checkpoint, local_files_only=True)
+        hidden = int(llm.config.hidden_size)
+    else:
+        from transformers import LlamaConfig, LlamaModel
+
+        config = LlamaConfig(
+            hidden_size=cfg.llm_hidden,
+            num_hidden_layers=cfg.llm_layers,
+            num_attention_heads=cfg.llm_heads,
+            num_key_value_heads=cfg.llm_kv_heads,
+            intermediate_size=cfg.llm_intermediate,
+            # Inputs are always embeddings: a one-row vocabulary keeps the unused token
+            # table negligible.
+            vocab_size=1,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            max_position_embeddings=max(max_positions, 64),
+        )
+        llm = LlamaModel(config)
+        hidden = cfg.llm_hidden
+    # The token table never sees an input id; freezing it keeps DDP from waiting on its
+    # gradient and AdamW from decaying it.
+    emb = llm.get_input_embeddings()
+    if emb is not None:
+        emb.requires_grad_(False)
+    return llm, hidden
+
+
+class _LightBlock(nn.Module):
+    """Pre-norm transformer block whose queries may be a prefix of its keys."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        # Dropout on the residual branches only: dropping (B, heads, L, L) attention
+        # weights was a fifth of a CPU training step (Bernoulli sampling) for no gain.
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, n_out: int) -> torch.Tensor:
+        bsz, length, width = x.shape
+        dh = width // self.heads
+        h = self.norm1(x)
+        w_q, w_kv = self.qkv.weight.split([width, 2 * width])
+        b_q, b_kv = self.qkv.bias.split([width, 2 * width])
+        q = F.linear(h[:, :n_out], w_q, b_q).view(bsz, n_out, self.heads, dh).transpose(1, 2)
+        k, v = F.linear(h, w_kv, b_kv).view(bsz, length, 2, self.heads, dh).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        x = x[:, :n_out] + self.drop(self.proj(att.transpose(1, 2).reshape(bsz, n_out, width)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class LightEncoder(nn.Module):
+    """The lightweight recommender's shallow transformer over ``[queries ; history]``.
+
+    A standard pre-norm encoder, except that the last block computes outputs only at the
+    query positions (the only ones read): its history rows would cost about five sixths
+    of that block for nothing. Attention is bidirectional, padding keys are masked.
+
+    Args:
+        width: model width.
+        heads: attention heads.
+        layers: blocks.
+        dropout: residual dropout.
+    """
+
+    def __init__(self, width: int, heads: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_LightBlock(width, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor, n_queries: int) -> torch.Tensor:
+        """Outputs at the first ``n_queries`` positions.
+
+        Args:
+            tokens: (B, L, W) queries first, then the history.
+            keep: (B, L) bool, False for padding (queries are always kept, so no
+                attention row is empty).
+            n_queries: number of leading query tokens.
+
+        Returns:
+            (B, n_queries, W).
+        """
+        x = tokens
+        for i, block in enumerate(self.blocks):
+            x = block(x, keep, n_queries if i == len(self.blocks) - 1 else x.shape[1])
+        return self.norm(x)
+
+
+class HyMiRec(nn.Module):
+    """Hybrid multi-interest recommender (METHOD.md "Stage 2").
+
+    1. Lightweight recommender: the long history, decoded from codes + coefficients
+       (``use_codebook``; else the full embeddings), projected to ``light_width`` with
+       recency positions, behind ``n_c`` learnable coarse queries, through a shallow
+       pre-norm transformer (:class:`LightEncoder`); outputs at the query positions are ``R_coarse``.
+    2. ``R_coarse`` projected to the LLM width, plus the indicator embedding ``I``.
+    3. LLM recommender: ``inputs_embeds = [R_coarse + I ; proj(e_recent) ; Q_refined]``
+       with the padding of the recent window masked; the last hidden states at the s
+       query positions, projected to D and L2-normalised, are the interests.
+
+    The catalog arrays are non-persistent buffers: they stay out of checkpoints (which
+    name the item store file instead) and are never trained.
+
+    Args:
+        cfg: model configuration.
+        item_store: catalog arrays.
+        max_long: longest long history (position table size).
+        max_recent: longest recent window.
+        temperature: initial tau when ``learnable_temperature``.
+        learnable_temperature: hold a learnable ``logit_scale`` (log 1/tau) for DMIL.
+    """
+
+    similarity = "cosine"
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        item_store: ItemStore,
+        *,
+        max_long: int = DEFAULT_MAX_POSITIONS,
+        max_recent: int = 256,
+        temperature: float = 0.07,
+        learnable_temperature: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_widths(cfg)
+        self.cfg = cfg
+        self.codebook_metric = item_store.codebook_metric
+        self.n_items = item_store.n_items
+        self.dim = item_store.dim
+        self.max_long = max_long
+        self.max_recent = max_recent
+        self.register_buffer("item_embeddings", torch.from_numpy(item_store.embeddings.copy()), persistent=False)
+        self.register_buffer("item_codes", torch.from_numpy(item_store.codes.copy()), persistent=False)
+        self.register_buffer("item_coefs", torch.from_numpy(item_store.coefs.copy()), persistent=False)
+        self.register_buffer("centroids", torch.from_numpy(item_store.centroids.copy()), persistent=False)
+
+        self.llm, hidden = build_llm(cfg, cfg.coarse_queries * cfg.use_light + max_recent + cfg.interests)
+        self.llm_hidden = hidden
+        if cfg.use_light:
+            width = cfg.light_width
+            self.light_in = _linear_or_identity(self.dim, width)
+            self.light_pos = nn.Embedding(max_long, width)
+            self.coarse_queries = nn.Parameter(torch.randn(cfg.coarse_queries, width) * 0.02)
+            self.light = LightEncoder(width, cfg.light_heads, cfg.light_layers, cfg.dropout)
+            self.coarse_out = _linear_or_identity(width, hidden)
+            if cfg.use_indicator:
+                self.indicator = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.recent_in = _linear_or_identity(self.dim, hidden)
+        self.refined_queries = nn.Parameter(torch.randn(cfg.interests, hidden) * 0.02)
+        self.out = _linear_or_identity(hidden, self.dim)
+        if learnable_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        else:
+            self.logit_scale = None
+
+    # Item side -------------------------------------------------------------------------
+    def decode_items(self, idx: torch.Tensor) -> torch.Tensor:
+        """Codebook reconstructions ``e_hat`` of catalog items, L2-normalised.
+
+        Args:
+            idx: catalog indices of any shape.
+
+        Returns:
+            ``idx.shape + (D,)`` reconstructions (zeros for padding).
+        """
+        codes = self.item_codes[idx]  # (..., L)
+        layers = torch.arange(codes.shape[-1], device=idx.device)
+        picked = self.centroids[layers, codes]  # (..., L, D)
+        if self.codebook_metric == "cosine":
+            recon = (self.item_coefs[idx][..., None] * picked).sum(-2)
+        else:
+            recon = picked.sum(-2)
+        recon = F.normalize(recon, dim=-1)
+        return recon * (idx != 0)[..., None].to(recon.dtype)
+
+    def long_history_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        """The long-history inputs: reconstructions (``use_codebook``) or full embeddings."""
+        if self.cfg.use_codebook:
+            return self.decode_items(idx)
+        return self.item_embeddings[idx]
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N+1, D) unit item embeddings items are ranked with (row 0 zeros)."""
+        return self.item_embeddings
+
+    def score_items(self, user_vecs: torch.Tensor) -> torch.Tensor:
+        """(B, N+1) cosine scores ``max_j cos(r_j, e_i)``; column 0 is padding."""
+        return score_against(user_vecs, self.item_vectors())
+
+    # User side -------------------------------------------------------------------------
+    def coarse_interests(self, long_idx: torch.Tensor) -> torch.Tensor:
+        """``R_coarse`` (+ indicator), (B, n_c, llm_hidden)."""
+        if long_idx.shape[1] > self.max_long:
+            raise ValueError(f"long history of {long_idx.shape[1]} items exceeds max_long={self.max_long}")
+        bsz = long_idx.shape[0]
+        # Decode each distinct item once, then gather: the batch repeats items heavily and
+        # the (B, Lh, L, D) intermediate of a direct decode would dominate memory.
+        uniq, inverse = torch.unique(long_idx, return_inverse=True)
+        hist = self.light_in(self.long_history_vectors(uniq))[inverse]  # (B, Lh, W)
+        hist = hist + self.light_pos(recency_positions(long_idx))
+        queries = self.coarse_queries.expand(bsz, -1, -1).to(hist.dtype)
+        tokens = torch.cat([queries, hist], dim=1)
+        pad = torch.cat(
+            [torch.zeros(bsz, queries.shape[1], dtype=torch.bool, device=long_idx.device), long_idx == 0], dim=1
+        )
+        out = self.light(tokens, ~pad, n_queries=queries.shape[1])
+        coarse = self.coarse_out(out)
+        if self.cfg.use_indicator:
+            coarse = coarse + self.indicator
+        return coarse
+
+    def forward(self, long_idx: torch.Tensor, recent_idx: torch.Tensor) -> torch.Tensor:
+        """Refined interests.
+
+        Args:
+            long_idx: (B, Lh) long-history indices, left-padded with 0 (ignored without
+                the lightweight recommender).
+            recent_idx: (B, n) recent-window indices, left-padded with 0.
+
+        Returns:
+            (B, s, D) L2-normalised interests.
+        """
+        bsz = recent_idx.shape[0]
+        device = recent_idx.device
+        parts = []
+        masks = []
+        if self.cfg.use_light:
+            coarse = self.coarse_interests(long_idx)
+            parts.append(coarse)
+            masks.append(torch.ones(bsz, coarse.shape[1], dtype=torch.long, device=device))
+        recent = self.recent_in(self.item_embeddings[recent_idx])
+        parts.append(recent)
+        masks.append((recent_idx != 0).long())
+        queries = self.refined_queries.expand(bsz, -1, -1)
+        parts.append(queries)
+        masks.append(torch.ones(bsz, queries.shape[1], dtype=torch.long, device=device))
+        dtype = parts[-1].dtype
+        inputs = torch.cat([p.to(dtype) for p in parts], dim=1)
+        mask = torch.cat(masks, dim=1)
+        # Positions over the real tokens only, so padding never shifts them.
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        refined = hidden[:, -self.cfg.interests :]
+        return F.normalize(self.out(refined).float(), dim=-1)
+
+
+class HLLMSingle(HyMiRec):
+    """HLLM baseline: the LLM recommender over the recent window, one interest.
+
+    Exactly :class:`HyMiRec` with ``use_light=False`` (no long history, no coarse tokens,
+    no indicator) and ``interests=1``, trained by the DMIL loss with ``s = w = 1``, which
+    is HLLM's next-item InfoNCE with shared sampled negatives. Item embeddings are the
+    frozen stage-1 content embeddings (HLLM's item LLM is trained in stage 1, not here).
+    """
+
+    def __init__(self, cfg: ModelConfig, item_store: ItemStore, **kwargs: Any) -> None:
+        single = dataclasses.replace(cfg, use_light=False, use_indicator=False, interests=1)
+        super().__init__(single, item_store, **kwargs)
+
+
+class SASRec(nn.Module):
+    """SASRec baseline: item-ID embeddings, causal self-attention, full softmax.
+
+    Reads the recent window only (its sequence length is the window n). Width, depth,
+    heads and dropout come from the ``light_*`` / ``dropout`` fields of ModelConfig.
+    Training predicts the next item at every position of the window (the last position's
+    next item is the first target) with cross-entropy over the whole catalog. Ranking
+    uses the raw dot product with the ID embedding table (``similarity = "dot"``).
+
+    Args:
+        cfg: model configuration.
+        item_store: catalog (only its size is used).
+        max_recent: longest recent window (position table size).
+    """
+
+    similarity = "dot"
+
+    def __init__(self, cfg: ModelConfig, item_store: ItemStore, *, max_recent: int = 256, **_: Any) -> None:
+        super().__init__()
+        width, heads = cfg.light_width, cfg.light_heads
+        if width < 1 or heads < 1 or width % heads:
+            raise ValueError(f"model.light_width ({width}) must be a positive multiple of model.light_heads ({heads})")
+        self.cfg = cfg
+        self.n_items = item_store.n_items
+        self.max_recent = max_recent
+        self.width = width
+        self.item_emb = nn.Embedding(self.n_items + 1, width, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=width**-0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.pos_emb = nn.Embedding(max_recent, width)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(
+            d_model=width,
+            nhead=heads,
+            dim_feedforward=4 * width,
+            dropout=cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, max(1, cfg.light_layers), norm=nn.LayerNorm(width),
+                                            enable_nested_tensor=False)
+        self.heads = heads
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N+1, d) ID embeddings (row 0 padding)."""
+        return self.item_emb.weight
+
+    def score_items(self, user_vecs: torch.Tensor) -> torch.Tensor:
+        """(B, N+1) dot-product scores."""
+        return score_against(user_vecs, self.item_vectors())
+
+    def encode(self, recent_idx: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) hidden state at every position of the window."""
+        n = recent_idx.shape[1]
+        if n > self.max_recent:
+            raise ValueError(f"recent window of {n} items exceeds max_recent={self.max_recent}")
+        x = self.item_emb(recent_idx) * math.sqrt(self.width) + self.pos_emb(recency_positions(recent_idx))
+        x = self.emb_drop(x)
+        valid = recent_idx != 0
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        allowed = causal[None] & valid[:, None, :]
+        # A left pad has no earlier real item: letting it see itself keeps its row finite
+        # (an all-masked softmax row is NaN and NaN * 0 would leak into real rows).
+        allowed = allowed | torch.eye(n, dtype=torch.bool, device=x.device)[None]
+        attn_mask = (~allowed).repeat_interleave(self.heads, dim=0)  # True = blocked
+        return self.blocks(x, mask=attn_mask)
+
+    def forward(
+        self, long_idx: torch.Tensor, recent_idx: torch.Tensor, next_idx: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """User vector after the last item, or the training loss.
+
+        Args:
+            long_idx: ignored (SASRec reads the recent window only).
+            recent_idx: (B, n) window, left-padded.
+            next_idx: (B,) the item after the window; when given, the next-item loss is
+                returned instead (so DDP's forward hook covers training too).
+
+        Returns:
+            (B, 1, d) user vectors, or the scalar loss of :meth:`next_item_loss`.
+        """
+        if next_idx is not None:
+            return self.next_item_loss(recent_idx, next_idx)
+        return self.encode(recent_idx)[:, -1:]
+
+    def next_item_loss(self, recent_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
+        """Full-softmax cross-entropy of the next item at every real position.
+
+        Args:
+            recent_idx: (B, n) window, left-padded.
+            next_idx: (B,) the item after the window (0 = none).
+
+        Returns:
+            Scalar mean loss over predicted positions.
+        """
+        hidden = self.encode(recent_idx)  # (B, n, d)
+        labels = torch.cat([recent_idx[:, 1:], next_idx[:, None]], dim=1)
+        keep = (recent_idx != 0) & (labels != 0)
+        if not bool(keep.any()):
+            return hidden.sum() * 0.0  # nothing to predict; cross_entropy of nothing is NaN
+        logits = hidden[keep].float() @ self.item_emb.weight.float().T  # (P, N+1)
+        logits[:, 0] = -float("inf")  # padding is never a prediction
+        return F.cross_entropy(logits, labels[keep])
+
+
+def effective_model_config(model_type: str, cfg: ModelConfig, dmil_cfg: Optional[DmilConfig] = None) -> ModelConfig:
+    """The model configuration actually built (ablation and baseline overrides applied).
+
+    Without DMIL HyMiRec has one interest (METHOD.md: "one interest, next item only").
+
+    Args:
+        model_type: ``hymirec``, ``sasrec`` or ``hllm``.
+        cfg: configured model section.
+        dmil_cfg: DMIL section (None: DMIL enabled).
+
+    Returns:
+        A copy of ``cfg`` with the overrides.
+    """
+    if model_type not in ModelType.values():
+        raise ValueError(f"model_type must be one of {ModelType.values()}, got {model_type!r}")
+    if model_type == "hllm":
+        return dataclasses.replace(cfg, use_light=False, use_indicator=False, interests=1)
+    if model_type == "hymirec" and dmil_cfg is not None and not dmil_cfg.enabled:
+        return dataclasses.replace(cfg, interests=1)
+    return dataclasses.replace(cfg)
+
+
+def build_model(
+    model_type: str,
+    model_cfg: ModelConfig,
+    item_store: ItemStore,
+    *,
+    dmil_cfg: Optional[DmilConfig] = None,
+    max_long: int = DEFAULT_MAX_POSITIONS,
+    max_recent: int = 256,
+) -> nn.Module:
+    """Build a stage-2 model.
+
+    Args:
+        model_type: ``hymirec``, ``sasrec`` or ``hllm``.
+        model_cfg: model section.
+        item_store: catalog arrays.
+        dmil_cfg: DMIL section (learnable temperature, the w/o-DMIL one-interest switch).
+        max_long: longest long history the model accepts.
+        max_recent: longest recent window the model accepts.
+
+    Returns:
+        The model (``model.model_type`` is set).
+    """
+    cfg = effective_model_config(model_type, model_cfg, dmil_cfg)
+    dmil_cfg = dmil_cfg or DmilConfig()
+    kwargs: dict[str, Any] = {
+        "max_long": max_long,
+        "max_recent": max_recent,
+        "temperature": dmil_cfg.temperature,
+        "learnable_temperature": dmil_cfg.learnable_temperature,
+    }
+    if model_type == "hymirec":
+        model: nn.Module = HyMiRec(cfg, item_store, **kwargs)
+    elif model_type == "hllm":
+        model = HLLMSingle(cfg, item_store, **kwargs)
+    else:
+        model = SASRec(cfg, item_store, max_recent=max_recent)
+    model.model_type = model_type
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (the model itself otherwise)."""
+    return getattr(model, "module", model)
+
+
+def model_loss(
+    model: nn.Module,
+    batch: Any,
+    dmil_cfg: DmilConfig,
+    neg_ids: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The training loss of a model on one batch.
+
+    HyMiRec and HLLM: DMIL loss (HLLM and w/o-DMIL with ``s = w = 1``) against the shared
+    negatives ``neg_ids``; SASRec: full-softmax next-item cross-entropy.
+
+    Args:
+        model: the model, possibly DDP-wrapped (its forward is what runs, so gradients
+            synchronise).
+        batch: an object with ``long_idx``, ``recent_idx`` (B, n), ``target_idx`` (B, w)
+            and ``target_mask`` (B, w) tensors on the model's device.
+        dmil_cfg: DMIL section.
+        neg_ids: (M,) negative catalog indices (required for HyMiRec / HLLM), already
+            gathered across ranks.
+
+    Returns:
+        ``(loss, info)``.
+    """
+    inner = unwrap(model)
+    if isinstance(inner, SASRec):
+        # Full softmax needs no sampled negatives; the loss runs through forward so a
+        # DDP wrapper synchronises its gradients.
+        loss = model(batch.long_idx, batch.recent_idx, batch.target_idx[:, 0])
+        return loss, {}
+    if neg_ids is None:
+        raise ValueError("HyMiRec/HLLM losses need sampled negatives (neg_ids)")
+    interests = model(batch.long_idx, batch.recent_idx)
+    target_idx, target_mask = select_targets(batch.target_idx, batch.target_mask, dmil_cfg)
+    single = isinstance(inner, HLLMSingle) or interests.shape[1] == 1
+    if single:
+        target_idx, target_mask = target_idx[:, :1], target_mask[:, :1]
+    emb = inner.item_embeddings
+    neg_ids = neg_ids.to(emb.device)
+    return dmil_loss(
+        interests,
+        emb[target_idx],
+        target_mask,
+        target_idx,
+        emb[neg_ids],
+        neg_ids,
+        s=interests.shape[1],
+        matching=dmil_cfg.matching,
+        temperature=dmil_cfg.temperature,
+        cluster_iters=dmil_cfg.cluster_iters,
+        logit_scale=inner.logit_scale,
+    )

@@ -1,0 +1,2 @@
+"""Stage ``build_sequences``: per-user time-ordered histories and training samples.
+"""

@@ -1,0 +1,64 @@
+"""Stage ``build_sequences``: interactions -> train/valid/test samples.
+
+Per user, interactions are ordered by time (ties broken by item id, so the order is
+deterministic). Leave-one-out by default: the last item is the test target, the one
+before it the validation target, the rest is training data. Training samples are cut
+at points along the training prefix (every ``stride`` items); each carries the recent
+window (last ``n`` items before the cut), the long history before that window (up to
+``max_long``) and the window targets (next ``w`` items, never past the training part).
+Validation and test samples use the whole prefix before their target and carry the
+prefix's distinct items for excluding history at ranking time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hymirec_udfs.core import schemas
+from hymirec_udfs.core.config import Config
+from hymirec_udfs.core.stage_api import StageContext, StageOutput
+from hymirec_udfs.sequences.samples import SequenceError, build_sequences
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
+
+
+def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
+    """Build and write the ``sequences`` table.
+
+    Raises:
+        SequenceError: no interactions, no user long enough, or interactions naming items
+            that have no embedding or no code (named, first 10).
+    """
+    inter = ctx.read(schemas.INTERACTIONS).select(schemas.USER_ID, schemas.ITEM_ID, "timestamp")
+    if inter.limit(1).count() == 0:
+        raise SequenceError("table 'interactions' is empty: nothing to build sequences from")
+    for table in (schemas.ITEM_EMBEDDINGS, schemas.ITEM_CODES):
+        if ctx.store.exists(table):
+            known = ctx.read(table).select(schemas.ITEM_ID).distinct()
+            missing = inter.select(schemas.ITEM_ID).distinct().join(known, schemas.ITEM_ID, "left_anti")
+            examples = [r.item_id for r in missing.limit(10).collect()]
+            if examples:
+                raise SequenceError(
+                    f"{missing.count()} interacted items have no row in '{table}' (e.g. {examples});"
+                    f" re-run the stage that writes '{table}'"
+                )
+
+    samples = build_sequences(inter, cfg.sequences)
+    files = max(4, 2 * cfg.train.num_processes)
+    # Several files, so every training rank gets its own share to read.
+    ctx.store.overwrite(schemas.SEQUENCES, samples.repartition(files, schemas.USER_ID))
+    written = ctx.store.read(schemas.SEQUENCES)
+    counts = {r["split"]: r["count"] for r in written.groupBy("split").count().collect()}
+    users = inter.select(schemas.USER_ID).distinct().count()
+    kept = written.select(schemas.USER_ID).distinct().count()
+    if kept == 0:
+        raise SequenceError(
+            f"no user has at least sequences.min_train_len={cfg.sequences.min_train_len} training items"
+        )
+    return StageOutput(
+        rows={"train_samples": counts.get("train", 0), "valid_samples": counts.get("valid", 0),
+              "test_samples": counts.get("test", 0), "users": kept, "users_skipped_short": users - kept},
+        summary={"split": cfg.sequences.split, "mean_train_samples_per_user":
+                 counts.get("train", 0) / kept if kept else 0.0},
+    )

@@ -1,0 +1,145 @@
+"""fit_codebook / encode_items through local Spark and Delta: outputs, variants, bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from hymirec_udfs.core import schemas
+from hymirec_udfs.codebook.spark import decode_item_codes
+from hymirec_udfs.artifacts import latest_codebook
+from hymirec_udfs.core.stage_api import StageContext, StageFailed
+from hymirec_udfs.pipeline import run_stage
+from hymirec_udfs.core.tables import get_table_store
+from hymirec_udfs.core.tracking import RunLogger
+
+pytestmark = pytest.mark.spark
+NOW = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(8, d))
+    x = centers[rng.integers(0, 8, n)] + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _write_embeddings(spark, cfg, matrix: np.ndarray) -> str:
+    from hymirec_udfs.artifacts import current_model_id
+
+    model_id = current_model_id(cfg.embed)
+    rows = [(f"i{j}", [float(v) for v in vec], len(vec), model_id, f"h{j}", NOW) for j, vec in enumerate(matrix)]
+    store = get_table_store(spark, cfg)
+    store.overwrite(schemas.ITEM_EMBEDDINGS, spark.createDataFrame(rows, schemas.spark_schema(schemas.ITEM_EMBEDDINGS)))
+    return model_id
+
+
+@pytest.fixture
+def cb_cfg(make_cfg, tiny_llama_dir):
+    def _make(*extra: str):
+        return make_cfg(f"embed.model={tiny_llama_dir}", "codebook.ks=[8, 8]", "codebook.iters=10", *extra)
+    return _make
+
+
+def test_fit_and_encode_cosine(spark, cb_cfg) -> None:
+    cfg = cb_cfg()
+    matrix = _clustered(240, 16)
+    _write_embeddings(spark, cfg, matrix)
+    fit = run_stage(spark, cfg, "fit-codebook")
+    assert fit.row_counts == {"basepool": 240, "centroids": 16, "catalog": 240}
+    # Balanced at fit time: every cluster holds at most ceil(240 / 8) = 30 items.
+    assert fit.summary["fit_layer0_cluster_size_max"] <= 30 and fit.summary["fit_layer1_cluster_size_max"] <= 30
+    enc = run_stage(spark, cfg, "encode")
+    assert enc.row_counts == {"items": 240}
+    store = get_table_store(spark, cfg)
+    codes = store.read(schemas.ITEM_CODES)
+    row = codes.first()
+    assert len(row.codes) == 2 and len(row.coefs) == 2 and row.codebook_version == fit.summary["version"]
+    assert all(np.float16(c) == c for c in row.coefs)  # fp16-representable
+    ctx = StageContext(spark, cfg, store, "t", RunLogger(None), "test")
+    version, book, _ = latest_codebook(ctx)
+    ids, recon = decode_item_codes(codes, book)
+    stored = {r.item_id: r.recon_cosine for r in codes.select("item_id", "recon_cosine").collect()}
+    order = {f"i{j}": j for j in range(240)}
+    cos = np.array([recon[k] @ matrix[order[i]] for k, i in enumerate(ids)])
+    np.testing.assert_allclose(cos, [stored[i] for i in ids], atol=1e-4)
+    assert 0.5 < enc.summary["recon_cosine_mean"] <= 1.0
+    assert store.count(schemas.CODEBOOKS) == 16
+
+
+def test_euclidean_variant_stores_unit_coefs(spark, cb_cfg) -> None:
+    cfg = cb_cfg("codebook.metric=euclidean")
+    _write_embeddings(spark, cfg, _clustered(120, 8, seed=1))
+    run_stage(spark, cfg, "fit-codebook")
+    enc = run_stage(spark, cfg, "encode")
+    assert enc.summary["metric"] == "euclidean"
+    coefs = np.array([r.coefs for r in get_table_store(spark, cfg).read(schemas.ITEM_CODES).collect()])
+    assert np.all(coefs == 1.0)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda m: m.__setitem__((3, 0), np.nan), "NaN"),
+        (lambda m: m.__setitem__(5, 0.0), "zero"),
+    ],
+)
+def test_bad_vectors_fail_without_tables(spark, cb_cfg, mutate, message) -> None:
+    cfg = cb_cfg()
+    matrix = _clustered(60, 8)
+    mutate(matrix)
+    _write_embeddings(spark, cfg, matrix)
+    with pytest.raises(StageFailed, match=f"(?i){message}"):
+        run_stage(spark, cfg, "fit-codebook")
+    assert not get_table_store(spark, cfg).exists(schemas.CODEBOOKS)
+
+
+def test_k_larger_than_basepool_and_empty_and_dim_mismatch(spark, cb_cfg) -> None:
+    cfg = cb_cfg("codebook.ks=[50]")
+    _write_embeddings(spark, cfg, _clustered(20, 8))
+    with pytest.raises(StageFailed, match=r"k=50.*20"):
+        run_stage(spark, cfg, "fit-codebook")
+
+    cfg = cb_cfg("codebook.ks=[4]")
+    run_stage(spark, cfg, "fit-codebook")
+    _write_embeddings(spark, cfg, _clustered(20, 12))  # same model id, other dimension
+    with pytest.raises(StageFailed, match=r"dimension \[12\] does not match codebook .*D=8"):
+        run_stage(spark, cfg, "encode")
+    assert not get_table_store(spark, cfg).exists(schemas.ITEM_CODES)
+
+    other = cb_cfg("embed.pooling=cls")  # another model id: no embeddings for it
+    with pytest.raises(StageFailed, match="no rows for model"):
+        run_stage(spark, other, "fit-codebook")
+
+
+def test_encode_names_bad_items_and_keeps_the_previous_item_codes(spark, cb_cfg) -> None:
+    """Vectors that only appear after the fit (not in the basepool) fail the encode by item id."""
+    from hymirec_udfs.artifacts import current_model_id
+
+    cfg = cb_cfg("codebook.ks=[4]")
+    good = _clustered(40, 8)
+    _write_embeddings(spark, cfg, good)
+    run_stage(spark, cfg, "fit-codebook")
+    run_stage(spark, cfg, "encode")
+    store = get_table_store(spark, cfg)
+    version = store.version(schemas.ITEM_CODES)
+
+    bad = good.copy()
+    bad[7, 2] = np.nan
+    _write_embeddings(spark, cfg, bad)
+    with pytest.raises(StageFailed, match=r"(?s)item ids \['i7'\].*NaN"):
+        run_stage(spark, cfg, "encode")
+    assert store.version(schemas.ITEM_CODES) == version
+
+    # A row whose array is shorter than its declared dim: named, never reshaped across rows.
+    model_id = current_model_id(cfg.embed)
+    rows = [(f"i{j}", [float(v) for v in (vec[:7] if j == 11 else vec)], 8, model_id, f"h{j}", NOW)
+            for j, vec in enumerate(good)]
+    store.overwrite(schemas.ITEM_EMBEDDINGS, spark.createDataFrame(rows, schemas.spark_schema(schemas.ITEM_EMBEDDINGS)))
+    with pytest.raises(StageFailed, match=r"dimension 8 \(item ids \['i11'\], lengths \[7\]\)"):
+        run_stage(spark, cfg, "encode")
+    assert store.version(schemas.ITEM_CODES) == version
+    assert store.count(schemas.ITEM_CODES) == 40
+

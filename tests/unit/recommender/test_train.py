@@ -1,0 +1,372 @@
+"""Training: data loading, ranking, the loop, checkpoints, resume, failures, DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hymirec_udfs.core.config import DmilConfig, ModelConfig, TrainConfig
+from hymirec_udfs.recommender.dmil import sample_negatives
+from hymirec_udfs.recommender.item_store import ItemStore
+from hymirec_udfs.recommender.models import build_model, model_loss
+from hymirec_udfs.training.optim import NonFiniteLossError, WarmupCosine
+from hymirec_udfs.recommender.data import SequenceDataset, epoch_batches
+from hymirec_udfs.training.ddp import shard_files
+from hymirec_udfs.training.checkpoints import load_checkpoint
+from hymirec_udfs.recommender.train import load_trained_model, rank_of_targets, train, train_local_processes
+
+N_ITEMS, DIM = 40, 12
+
+TINY = ModelConfig(
+    interests=2, coarse_queries=2, light_width=16, light_heads=2, light_layers=1,
+    llm_hidden=16, llm_heads=2, llm_kv_heads=1, llm_intermediate=32, dropout=0.1,
+)
+DMIL = DmilConfig(negatives=16, cluster_iters=3)
+TRAIN = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_steps=3, checkpoint_every=4,
+                    early_stopping_patience=5, torch_threads=1, seed=0)
+WINDOW = dict(max_long=12, recent_window=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+# Toy data --------------------------------------------------------------------------------
+
+
+def make_store(nan: bool = False, seed: int = 0) -> ItemStore:
+    rng = np.random.default_rng(seed)
+    groups = np.arange(N_ITEMS) % 4  # four topics
+    centers = rng.normal(size=(4, DIM))
+    emb = centers[groups] + 0.3 * rng.normal(size=(N_ITEMS, DIM))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = np.vstack([np.zeros((1, DIM)), emb]).astype(np.float32)
+    if nan:
+        emb[1:] = np.nan
+    centroids = rng.normal(size=(2, 4, DIM)).astype(np.float32)
+    codes = rng.integers(0, 4, size=(N_ITEMS + 1, 2))
+    coefs = rng.uniform(0.2, 1.0, size=(N_ITEMS + 1, 2)).astype(np.float32)
+    coefs[0] = 0
+    return ItemStore([f"m{i}" for i in range(N_ITEMS)], emb, codes, coefs, centroids)
+
+
+def make_rows(n_users: int = 24, w: int = 3, n: int = 4, seed: int = 0) -> list[dict]:
+    """Leave-one-out samples: each user mixes two topics."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        topics = rng.choice(4, 2, replace=False)
+        pool = [i for i in range(N_ITEMS) if i % 4 in topics]
+        hist = [f"m{i}" for i in rng.choice(pool, int(rng.integers(10, 16)))]
+        for cut in range(2, len(hist) - 2 - w + 1):
+            rows.append(dict(user_id=f"u{u}", split="train", cut=cut, long_ids=hist[: max(0, cut - n)],
+                             recent_ids=hist[max(0, cut - n): cut], target_ids=hist[cut: cut + w], exclude_ids=[]))
+        for split, cut in (("valid", len(hist) - 2), ("test", len(hist) - 1)):
+            rows.append(dict(user_id=f"u{u}", split=split, cut=cut, long_ids=hist[: max(0, cut - n)],
+                             recent_ids=hist[max(0, cut - n): cut], target_ids=[hist[cut]], exclude_ids=hist[:cut]))
+    return rows
+
+
+def write_parts(directory: Path, rows: list[dict], parts: int) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for p in range(parts):
+        path = directory / f"part-{p:03d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows[p::parts]), path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("toy")
+    store = make_store()
+    store_path = str(root / "store.npz")
+    store.save(store_path)
+    files = write_parts(root / "sequences", make_rows(), parts=2)
+    return SimpleNamespace(root=root, store=store, store_path=store_path, files=files)
+
+
+def run_train(toy: SimpleNamespace, ckpt: Path, train_cfg: TrainConfig = TRAIN, **kwargs) -> dict:
+    args = dict(model_type="hymirec", model_cfg=TINY, dmil_cfg=DMIL, train_cfg=train_cfg,
+                item_store_path=toy.store_path, train_files=toy.files, valid_files=toy.files,
+                checkpoint_dir=str(ckpt), metrics_path=str(ckpt) + ".jsonl", **WINDOW)
+    args.update(kwargs)
+    return train(**args)
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+# Data ------------------------------------------------------------------------------------
+
+
+def test_dataset_maps_truncates_and_pads(tmp_path) -> None:
+    store = make_store()
+    rows = [
+        dict(user_id="a", split="train", cut=9, long_ids=["m1", "m2", "m3", "m4"], recent_ids=["m5", "m6", "m7"],
+             target_ids=["m8", "m9"], exclude_ids=[]),
+        dict(user_id="b", split="train", cut=2, long_ids=[], recent_ids=["m0"], target_ids=["m3", "m3", "m4"],
+             exclude_ids=[]),
+        dict(user_id="c", split="valid", cut=5, long_ids=["m1"], recent_ids=["m2", "m3"], target_ids=["m3"],
+             exclude_ids=["m1", "m2", "m3", "m2"]),
+    ]
+    path = write_parts(tmp_path, rows, 1)
+    ds = SequenceDataset(path, store, split="train", max_long=3, recent_window=2)
+    assert len(ds) == 2
+    batch = ds.collate([0, 1])
+    # Catalog index = position in item_ids + 1; long keeps the 3 most recent, left-padded.
+    assert batch.long_idx.tolist() == [[3, 4, 5], [0, 0, 0]]
+    assert batch.recent_idx.tolist() == [[7, 8], [0, 1]]
+    assert batch.target_idx.tolist() == [[9, 10, 0], [4, 4, 5]]
+    assert batch.target_mask.tolist() == [[True, True, False], [True, True, True]]
+    assert batch.user_ids == ["a", "b"]
+    valid = SequenceDataset(path, store, split="valid", max_long=3, recent_window=2, with_exclude=True)
+    vb = valid.collate([0])
+    assert vb.target_idx.tolist() == [[4]]
+    # Distinct history, the target itself kept rankable.
+    assert vb.exclude_idx.tolist() == [[2, 3]]
+
+
+def test_dataset_unknown_item_names_user_and_id(tmp_path) -> None:
+    rows = [dict(user_id="u1", split="train", cut=3, long_ids=["m1"], recent_ids=["m2", "ghost-7"],
+                 target_ids=["m3"], exclude_ids=[])]
+    path = write_parts(tmp_path, rows, 1)
+    with pytest.raises(KeyError, match=r"recent_ids.*u1.*ghost-7"):
+        SequenceDataset(path, make_store(), split="train")
+
+
+def test_dataset_split_column_and_partition_directory(tmp_path) -> None:
+    store = make_store()
+    rows = make_rows(n_users=3)
+    mixed = write_parts(tmp_path / "mixed", rows, 1)
+    n_train = sum(r["split"] == "train" for r in rows)
+    assert len(SequenceDataset(mixed, store, split="train")) == n_train
+    assert len(SequenceDataset(mixed, store, split="valid")) == 3
+    # Partitioned tables keep the split in the path, not in the file.
+    no_split = [{k: v for k, v in r.items() if k != "split"} for r in rows if r["split"] == "valid"]
+    part = write_parts(tmp_path / "t" / "split=valid", no_split, 1)
+    assert len(SequenceDataset(part, store, split="train")) == 0
+    assert len(SequenceDataset(part, store, split="valid")) == 3
+
+
+def test_sharding_round_robin_files_or_rows(tmp_path) -> None:
+    assert shard_files(["a", "b", "c"], 1, 2) == (["b"], False)
+    assert shard_files(["a", "b", "c"], 0, 2) == (["a", "c"], False)
+    assert shard_files(["a"], 1, 2) == (["a"], True)
+    rows = make_rows(n_users=2)
+    path = write_parts(tmp_path, rows, 1)
+    train_users = [r["user_id"] for r in rows if r["split"] == "train"]
+    rank1 = SequenceDataset(path, make_store(), split=None, rank=1, world_size=2)
+    assert len(rank1) == len(rows) // 2
+    all_users = [r["user_id"] for r in rows]
+    assert rank1.user_ids.tolist() == all_users[1::2]
+    assert train_users  # sanity: the toy data has training rows
+
+
+# Ranking ---------------------------------------------------------------------------------
+
+
+def test_rank_of_targets_by_hand() -> None:
+    users = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # score = max(x, y)
+    items = torch.tensor([[9.0, 9.0],  # padding row: never ranked
+                          [0.5, 0.0], [0.9, 0.1], [0.2, 0.95], [0.1, 0.3], [0.7, 0.7]])
+    # target item 1 scores .5; items 2 (.9), 3 (.95), 5 (.7) beat it -> rank 4.
+    target = torch.tensor([1])
+    for chunk in (1, 2, 100):
+        assert rank_of_targets(users, items, target, chunk_items=chunk).tolist() == [4]
+        # Excluding history items 3 and 4 (4 scores below anyway) -> rank 3.
+        assert rank_of_targets(users, items, target, torch.tensor([[0, 3, 4]]), chunk_items=chunk).tolist() == [3]
+    # The best item ranks first even with itself in the catalog.
+    assert rank_of_targets(users, items, torch.tensor([3])).tolist() == [1]
+
+
+def test_warmup_cosine_schedule() -> None:
+    sched = WarmupCosine(warmup=2, total=6)
+    assert [round(sched(s), 4) for s in range(7)] == [0.5, 1.0, 1.0, round(0.5 * (1 + math.cos(math.pi / 4)), 4),
+                                                      0.5, round(0.5 * (1 + math.cos(3 * math.pi / 4)), 4), 0.0]
+
+
+def test_epoch_batches_bucket_lengths_and_cover_every_sample() -> None:
+    lengths = np.random.default_rng(0).integers(0, 100, size=103)
+    batches = epoch_batches(lengths, 10, np.random.default_rng(1), bucket_batches=5)
+    assert len(batches) == 11
+    assert sorted(np.concatenate(batches).tolist()) == list(range(103))
+    # Inside a 50-sample window, batches hold consecutive lengths: padding shrinks.
+    plain = epoch_batches(lengths, 10, np.random.default_rng(1), bucket_batches=0)
+    waste = lambda bs: sum(lengths[b].max() * len(b) - lengths[b].sum() for b in bs)  # noqa: E731
+    assert waste(batches) < 0.5 * waste(plain)
+    again = epoch_batches(lengths, 10, np.random.default_rng(1), bucket_batches=5)
+    assert all(np.array_equal(x, y) for x, y in zip(batches, again))
+
+
+# The loop --------------------------------------------------------------------------------
+
+
+def test_few_steps_lower_the_loss(toy) -> None:
+    ds = SequenceDataset(toy.files, toy.store, split="train", **WINDOW)
+    batch = ds.collate(np.arange(32))
+    torch.manual_seed(0)
+    model = build_model("hymirec", dataclasses.replace(TINY, dropout=0.0), toy.store, max_long=12, max_recent=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    neg = sample_negatives(N_ITEMS, 16, torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(25):
+        loss, _ = model_loss(model, batch, DMIL, neg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_train_end_to_end_writes_checkpoints_metrics_and_loads(toy, tmp_path) -> None:
+    result = run_train(toy, tmp_path / "ck")
+    steps_per_epoch = math.ceil(sum(len(SequenceDataset([f], toy.store)) for f in toy.files) / TRAIN.batch_size)
+    assert result["steps"] == 2 * steps_per_epoch
+    assert result["epochs"] == 2 and result["stop_reason"] == "epochs"
+    assert 0.0 < result["best_val_ndcg@10"] <= 1.0
+    assert result["samples_per_s"] > 0
+    assert os.path.exists(result["best_checkpoint"]) and os.path.exists(result["last_checkpoint"])
+    metrics = read_metrics(str(tmp_path / "ck") + ".jsonl")
+    train_lines = [m for m in metrics if m["kind"] == "train"]
+    val_lines = [m for m in metrics if m["kind"] == "val"]
+    assert [m["step"] for m in train_lines] == list(range(1, result["steps"] + 1))
+    assert all(math.isfinite(m["loss"]) for m in train_lines)
+    assert [m["epoch"] for m in val_lines] == [1, 2]
+    assert max(m["val_ndcg@10"] for m in val_lines) == pytest.approx(result["best_val_ndcg@10"])
+    ckpt = load_checkpoint(result["best_checkpoint"])
+    assert ckpt["epoch"] == result["best_epoch"]
+    model = load_trained_model(result["last_checkpoint"])
+    ds = SequenceDataset(toy.files, toy.store, split="valid", with_exclude=True, **WINDOW)
+    batch = ds.collate([0, 1, 2])
+    out = model(batch.long_idx, batch.recent_idx)
+    assert out.shape == (3, 2, DIM)
+    # Running again on a finished directory trains nothing more.
+    again = run_train(toy, tmp_path / "ck")
+    assert again["steps"] == result["steps"] and again["resumed_from_step"] == result["steps"]
+
+
+@pytest.mark.parametrize("model_type", ["sasrec", "hllm"])
+def test_train_baselines(toy, tmp_path, model_type: str) -> None:
+    result = run_train(toy, tmp_path / model_type, dataclasses.replace(TRAIN, epochs=1), model_type=model_type)
+    assert result["epochs"] == 1 and result["best_val_ndcg@10"] is not None
+    model = load_trained_model(result["last_checkpoint"])
+    assert model.model_type == model_type
+
+
+def test_resume_continues_exactly(toy, tmp_path) -> None:
+    k1, k2 = 5, 17  # k1 mid-epoch 0, k2 in epoch 1 (13 steps per epoch): crosses validation
+    straight = run_train(toy, tmp_path / "straight", dataclasses.replace(TRAIN, max_steps=k2))
+    first = run_train(toy, tmp_path / "resumed", dataclasses.replace(TRAIN, max_steps=k1))
+    assert first["steps"] == k1 and first["stop_reason"] == "max_steps"
+    assert load_checkpoint(str(tmp_path / "resumed" / "last.pt"))["pos"] == k1
+    second = run_train(toy, tmp_path / "resumed", dataclasses.replace(TRAIN, max_steps=k2))
+    assert second["resumed_from_step"] == k1 and second["steps"] == k2 == straight["steps"]
+    a = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "resumed" / "last.pt"))
+    assert a["model_state"].keys() == b["model_state"].keys()
+    for name in a["model_state"]:
+        torch.testing.assert_close(a["model_state"][name], b["model_state"][name], atol=1e-5, rtol=1e-4)
+    assert (a["epoch"], a["pos"]) == (b["epoch"], b["pos"])
+    # The resumed run logged exactly the straight run's losses, without duplicates.
+    la = [m for m in read_metrics(str(tmp_path / "straight") + ".jsonl") if m["kind"] == "train"]
+    lb = [m for m in read_metrics(str(tmp_path / "resumed") + ".jsonl") if m["kind"] == "train"]
+    assert [m["step"] for m in lb] == list(range(1, k2 + 1))
+    np.testing.assert_allclose([m["loss"] for m in lb], [m["loss"] for m in la], rtol=1e-4)
+    # Asking again for the same max_steps trains nothing more.
+    third = run_train(toy, tmp_path / "resumed", dataclasses.replace(TRAIN, max_steps=k2))
+    assert third["steps"] == k2 and third["stop_reason"] == "max_steps"
+
+
+def test_resume_refuses_another_model(toy, tmp_path) -> None:
+    run_train(toy, tmp_path / "ck", dataclasses.replace(TRAIN, max_steps=1))
+    with pytest.raises(ValueError, match="fresh checkpoint_dir"):
+        run_train(toy, tmp_path / "ck", dataclasses.replace(TRAIN, max_steps=2),
+                  model_cfg=dataclasses.replace(TINY, interests=3))
+
+
+def test_nan_loss_names_step_users_and_checkpoint(toy, tmp_path) -> None:
+    # A fresh run on NaN embeddings fails at step 1 with no checkpoint yet.
+    nan_path = str(tmp_path / "nan.npz")
+    make_store(nan=True).save(nan_path)
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*users in the batch: \['u") as info:
+        run_train(toy, tmp_path / "fresh", item_store_path=nan_path)
+    assert info.value.step == 1 and info.value.checkpoint_path is None
+    assert len(info.value.user_ids) == TRAIN.batch_size
+    assert set(info.value.user_ids) <= {f"u{i}" for i in range(24)}
+    # After 4 good steps the error names step 5 and the last good checkpoint.
+    run_train(toy, tmp_path / "ck", dataclasses.replace(TRAIN, max_steps=4))
+    with pytest.raises(NonFiniteLossError, match="step 5") as info:
+        run_train(toy, tmp_path / "ck", item_store_path=nan_path)
+    assert info.value.checkpoint_path == str(tmp_path / "ck" / "last.pt")
+    assert load_checkpoint(info.value.checkpoint_path)["step"] == 4
+
+
+def test_empty_training_data_is_a_clear_error(toy, tmp_path) -> None:
+    with pytest.raises(ValueError, match="train_files is empty"):
+        run_train(toy, tmp_path / "a", train_files=[])
+    valid_only = [r for r in make_rows(n_users=2) if r["split"] != "train"]
+    files = write_parts(tmp_path / "v", valid_only, 1)
+    with pytest.raises(ValueError, match="no training samples"):
+        run_train(toy, tmp_path / "b", train_files=files)
+
+
+def test_two_process_gloo_ddp(toy, tmp_path) -> None:
+    results = train_local_processes(
+        2, model_type="hymirec", model_cfg=TINY, dmil_cfg=DMIL,
+        train_cfg=dataclasses.replace(TRAIN, epochs=1, torch_threads=1, checkpoint_every=3),
+        item_store_path=toy.store_path, train_files=toy.files, valid_files=toy.files,
+        checkpoint_dir=str(tmp_path / "ddp"), metrics_path=str(tmp_path / "ddp.jsonl"), **WINDOW,
+    )
+    assert len(results) == 2
+    r0, r1 = results
+    assert r0["world_size"] == 2 and r0["steps"] == r1["steps"] > 0
+    # Validation is sharded and all-reduced: every rank reports the same number.
+    assert r0["best_val_ndcg@10"] == pytest.approx(r1["best_val_ndcg@10"])
+    ckpt = load_checkpoint(r0["last_checkpoint"])
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    # The two ranks' dropout / negative streams differ.
+    assert not torch.equal(ckpt["rng"][0]["negatives"], ckpt["rng"][1]["negatives"])
+    lines = read_metrics(str(tmp_path / "ddp.jsonl"))
+    assert [m["step"] for m in lines if m["kind"] == "train"] == list(range(1, r0["steps"] + 1))
+
+
+@pytest.mark.spark
+def test_torch_distributor_local_mode(spark, toy, tmp_path) -> None:
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    result = TorchDistributor(num_processes=2, local_mode=True, use_gpu=False).run(
+        train, model_type="sasrec", model_cfg=TINY, dmil_cfg=DMIL,
+        train_cfg=dataclasses.replace(TRAIN, epochs=1), item_store_path=toy.store_path,
+        train_files=toy.files, valid_files=toy.files, checkpoint_dir=str(tmp_path / "td"),
+        metrics_path=str(tmp_path / "td.jsonl"), **WINDOW,
+    )
+    assert result["world_size"] == 2 and result["epochs"] == 1
+    assert result["best_val_ndcg@10"] is not None
+    assert load_checkpoint(result["last_checkpoint"])["world_size"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_on_gpu_bf16(toy, tmp_path) -> None:
+    result = run_train(toy, tmp_path / "gpu", dataclasses.replace(TRAIN, epochs=1, use_gpu=True))
+    assert result["epochs"] == 1 and math.isfinite(result["best_val_ndcg@10"])
+    model = load_trained_model(result["last_checkpoint"], map_location="cuda")
+    assert next(model.parameters()).is_cuda

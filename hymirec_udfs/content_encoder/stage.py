@@ -9,7 +9,7 @@ and one target) against ``stage1.negatives`` catalog items sampled per step, who
 embeddings come from the same encoder in the same forward pass, so gradients reach the
 encoder through positives and negatives alike. A negative equal to the target is masked.
 
-Data. Windows are cut from each user's time-ordered history (ties by item id, as
+Data. Windows are cut from each user's time-ordered history (ties by the source order, as
 ``build_sequences`` orders it) with the held-out part removed first: the last two items
 under ``leave_one_out`` (stage 2's validation and test targets), everything from
 ``sequences.valid_cutoff`` on under ``time_cutoff``. The rest is cut into consecutive windows
@@ -58,6 +58,7 @@ from hymirec_udfs.content_encoder.train import ENCODER_DIR, FILES_PER_RANK, FINA
 from hymirec_udfs.content_encoder.windows import HELD_OUT_PER_USER, MIN_WINDOW_ITEMS, build_windows
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import Config
+from hymirec_udfs.core.shards import SHARD_COLUMN, spark_user_shard
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -129,8 +130,10 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
         catalog.write.mode("overwrite").parquet(str(catalog_dir))
     if not _written(windows_dir):
         files = FILES_PER_RANK * max(1, cfg.train.num_processes)
+        # sorted by shard so each rank's reader skips the others' row groups
         (build_windows(interactions, items, seq_len=cfg.stage1.seq_len, sequences_cfg=cfg.sequences)
-         .repartition(files, schemas.USER_ID).sortWithinPartitions(schemas.USER_ID, "window")
+         .withColumn(SHARD_COLUMN, spark_user_shard(schemas.USER_ID))
+         .repartitionByRange(files, SHARD_COLUMN).sortWithinPartitions(SHARD_COLUMN, schemas.USER_ID, "window")
          .write.mode("overwrite").parquet(str(windows_dir)))
     n_windows = spark.read.parquet(str(windows_dir)).count()
     if n_windows == 0:

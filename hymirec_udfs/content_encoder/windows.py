@@ -13,7 +13,7 @@ import numpy as np
 
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import SequencesConfig
-from hymirec_udfs.training.ddp import shard_files
+from hymirec_udfs.core.shards import read_rank_share
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame
@@ -47,10 +47,11 @@ def build_windows(interactions: "DataFrame", items: "DataFrame", *, seq_len: int
     if seq_len < MIN_WINDOW_ITEMS:
         raise ValueError(f"stage1.seq_len must be >= {MIN_WINDOW_ITEMS}, got {seq_len}")
     sequences_cfg = sequences_cfg or SequencesConfig()
-    events = interactions.select(schemas.USER_ID, schemas.ITEM_ID, "timestamp")
+    events = interactions.select(schemas.USER_ID, schemas.ITEM_ID, "timestamp", schemas.SOURCE_ORDER)
     if sequences_cfg.split == "leave_one_out":
-        # The same order as build_sequences: (timestamp, item_id); the last two go.
-        newest_first = Window.partitionBy(schemas.USER_ID).orderBy(F.col("timestamp").desc(), F.col(schemas.ITEM_ID).desc())
+        # The same order as build_sequences: (timestamp, source order); the last two go.
+        newest_first = Window.partitionBy(schemas.USER_ID).orderBy(
+            F.col("timestamp").desc(), F.col(schemas.SOURCE_ORDER).desc(), F.col(schemas.ITEM_ID).desc())
         events = (events.withColumn("_from_end", F.row_number().over(newest_first))
                   .where(F.col("_from_end") > HELD_OUT_PER_USER).drop("_from_end"))
     else:
@@ -58,7 +59,8 @@ def build_windows(interactions: "DataFrame", items: "DataFrame", *, seq_len: int
     with_text = items.where(F.length(F.trim(F.coalesce("text", F.lit("")))) > 0).select(schemas.ITEM_ID)
     events = events.join(with_text, schemas.ITEM_ID, "left_semi")
     users = (events.groupBy(schemas.USER_ID)
-             .agg(F.array_sort(F.collect_list(F.struct("timestamp", schemas.ITEM_ID))).alias("events"))
+             .agg(F.array_sort(F.collect_list(
+                 F.struct("timestamp", schemas.SOURCE_ORDER, schemas.ITEM_ID))).alias("events"))
              .select(schemas.USER_ID, F.transform("events", lambda e: e[schemas.ITEM_ID]).alias("items"))
              .where(F.size("items") >= MIN_WINDOW_ITEMS))
     n = F.size("items")
@@ -87,8 +89,11 @@ def load_windows(files: Sequence[str], catalog_ids: Sequence[str], *, seq_len: i
                  world_size: int = 1) -> np.ndarray:
     """A rank's share of the window files as catalog indices.
 
+    The rank's users come from a hash of the user id and the windows are ordered by
+    (user, window), whatever files and row order Spark wrote (:func:`read_rank_share`).
+
     Args:
-        files: window Parquet files (``item_ids`` column), in a deterministic order.
+        files: window Parquet files (``user_id``, ``window``, ``item_ids`` columns).
         catalog_ids: sorted catalog ids (:func:`load_catalog`).
         seq_len: window width.
         rank: this rank.
@@ -103,23 +108,15 @@ def load_windows(files: Sequence[str], catalog_ids: Sequence[str], *, seq_len: i
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    mine, split_rows = shard_files(files, rank, world_size)
-    parts, offset = [], 0
-    for path in mine:
-        column = pq.read_table(path, columns=["item_ids"]).column("item_ids").combine_chunks()
-        if split_rows:
-            keep = np.nonzero(np.arange(offset, offset + len(column)) % world_size == rank)[0]
-            offset += len(column)
-            column = column.take(pa.array(keep))
-        parts.append(column)
-    if not parts or sum(len(p) for p in parts) == 0:
+    table = read_rank_share(files, ["item_ids"], rank=rank, world_size=world_size, user_col=schemas.USER_ID,
+                            sort_by=[schemas.USER_ID, "window"])
+    if table.num_rows == 0:
         return np.zeros((0, seq_len), dtype=np.int64)
-    column = pa.concat_arrays(parts)
+    column = table.column("item_ids").combine_chunks()
     lengths = np.asarray(pc.list_value_length(column), dtype=np.int64)
     if lengths.max() > seq_len:
-        raise ValueError(f"window of {lengths.max()} items in {mine[:3]} exceeds stage1.seq_len={seq_len}")
+        raise ValueError(f"window of {lengths.max()} items in {list(files)[:3]} exceeds stage1.seq_len={seq_len}")
     flat = pc.list_flatten(column)
     index = pc.index_in(flat, value_set=pa.array(list(catalog_ids), pa.string()))
     if index.null_count:

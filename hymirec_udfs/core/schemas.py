@@ -34,6 +34,9 @@ TEXT = "text"
 EMBEDDING = "embedding"
 MODEL_ID = "model_id"
 CONTENT_HASH = "content_hash"
+# Position of an interaction in its source (file line order; see ingest.sources); breaks
+# ties in time everywhere, so no id order leaks into the sequences.
+SOURCE_ORDER = "source_order"
 _TS = pa.timestamp("us", tz="UTC")
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     ITEMS: pa.schema(
@@ -54,6 +57,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             pa.field(TIMESTAMP, pa.int64(), nullable=False),
             pa.field("rating", pa.float64()),
             pa.field("source", pa.string(), nullable=False),
+            pa.field(SOURCE_ORDER, pa.int64(), nullable=False),
         ]
     ),
     QUARANTINE: pa.schema(
@@ -108,6 +112,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             pa.field("recent_ids", pa.list_(pa.string()), nullable=False),
             pa.field("target_ids", pa.list_(pa.string()), nullable=False),
             pa.field("exclude_ids", pa.list_(pa.string()), nullable=False),
+            # the user's rank shard (hymirec_udfs.core.shards.user_shards)
+            pa.field("shard", pa.int32(), nullable=False),
         ]
     ),
     EVAL_PER_USER: pa.schema(

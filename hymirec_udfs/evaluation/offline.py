@@ -18,9 +18,12 @@ from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.stage_api import StageContext
 
+# Per-user metrics are summed in this type (exact addition: order-independent).
+EXACT_SUM_TYPE = "decimal(38,18)"
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 
 _MODEL_CACHE: dict[str, Any] = {}
@@ -182,8 +185,18 @@ def evaluate_checkpoint(
 
 
 def aggregate(per_user: "DataFrame", ks: Sequence[int]) -> "DataFrame":
-    """``eval_metrics`` rows: Recall@K, NDCG@K, MRR and user counts per (model, split, K)."""
+    """``eval_metrics`` rows: Recall@K, NDCG@K, MRR and user counts per (model, split, K).
+
+    Means are exact sums of per-user values (rounded to 1e-18 each) divided by the count,
+    so they do not change with the partition layout of the input.
+    """
     from pyspark.sql import functions as F
+
+    def exact_mean(col: "Column") -> "Column":
+        # A sum of doubles depends on the order Spark adds partial sums in (the partition
+        # layout of the input), so the last digits of a metric could move with the layout
+        # of ``sequences``. Decimal addition is exact: the mean depends on the values only.
+        return F.sum(col.cast(EXACT_SUM_TYPE)).cast("double") / F.count(F.lit(1))
 
     now = dt.datetime.now(dt.timezone.utc)
     rows = []
@@ -191,9 +204,9 @@ def aggregate(per_user: "DataFrame", ks: Sequence[int]) -> "DataFrame":
         rows.append(
             per_user.groupBy("model", "run_id", "split").agg(
                 F.lit(int(k)).cast("int").alias("k"),
-                F.avg(F.col("hit")[int(k)].cast("double")).alias("recall"),
-                F.avg(F.col("ndcg")[int(k)]).alias("ndcg"),
-                F.avg(F.when(F.col("rank") > 0, 1.0 / F.col("rank")).otherwise(0.0)).alias("mrr"),
+                exact_mean(F.col("hit")[int(k)].cast("double")).alias("recall"),
+                exact_mean(F.col("ndcg")[int(k)]).alias("ndcg"),
+                exact_mean(F.when(F.col("rank") > 0, 1.0 / F.col("rank")).otherwise(0.0)).alias("mrr"),
                 F.count("*").alias("users"),
                 F.sum(F.when(F.col("target_in_catalog"), 0).otherwise(1)).cast("long").alias("users_target_absent"),
             )

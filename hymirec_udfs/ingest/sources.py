@@ -56,17 +56,34 @@ def raw_files(cfg: IngestConfig) -> list[Path]:
 
 
 def _lines(spark: "SparkSession", path: Path, encoding: str = "utf-8") -> "DataFrame":
-    """Raw lines of a text file, blank lines removed, with the raw record kept."""
+    """Raw lines of a text file, blank lines removed, with the raw record and its position.
+
+    ``source_order`` grows with the line's position in the file; it breaks ties in time
+    everywhere downstream (RecBole's rule: the order of the source, no id signal).
+    """
     from pyspark.sql import functions as F
 
     if encoding == "utf-8":
-        df = spark.read.text(str(path))
+        df = spark.read.text(str(path)).withColumn(schemas.SOURCE_ORDER, source_order_column())
     else:
-        # spark.read.text is UTF-8 only; decode the bytes ourselves.
+        # spark.read.text is UTF-8 only; decode the bytes ourselves (one file, one row).
         df = spark.read.format("binaryFile").load(str(path)).select(
-            F.explode(F.split(F.decode(F.col("content"), encoding), "\r?\n")).alias("value")
-        )
+            F.posexplode(F.split(F.decode(F.col("content"), encoding), "\r?\n")).alias(schemas.SOURCE_ORDER, "value")
+        ).withColumn(schemas.SOURCE_ORDER, F.col(schemas.SOURCE_ORDER).cast("long"))
     return df.where(F.length(F.trim("value")) > 0).withColumnRenamed("value", "raw_record")
+
+
+def source_order_column() -> "Column":
+    """The position of each row in what Spark reads, taken right after the read.
+
+    ``monotonically_increasing_id`` puts the partition index in the high bits and the row's
+    place in its partition in the low bits, and a file's splits are read in order, so the
+    value grows with the line's position in the file (no extra pass over the data). Across
+    several files it follows the order Spark lists them in.
+    """
+    from pyspark.sql import functions as F
+
+    return F.monotonically_increasing_id()
 
 
 def _field(parts: "Column", i: int) -> "Column":
@@ -94,7 +111,7 @@ def read_ml100k_recbole(spark: "SparkSession", item_path: Path, inter_path: Path
     q = F.split("raw_record", "\t")
     inter = inter.select(
         _field(q, 0).alias(schemas.USER_ID), _field(q, 1).alias(schemas.ITEM_ID),
-        _field(q, 3).alias("timestamp"), _field(q, 2).alias("rating"), "raw_record",
+        _field(q, 3).alias("timestamp"), _field(q, 2).alias("rating"), "raw_record", schemas.SOURCE_ORDER,
     )
     return RawFrames(items, inter, "ml-100k")
 
@@ -119,7 +136,7 @@ def read_ml100k_grouplens(spark: "SparkSession", item_path: Path, inter_path: Pa
     q = F.split("raw_record", "\t")
     inter = inter.select(
         _field(q, 0).alias(schemas.USER_ID), _field(q, 1).alias(schemas.ITEM_ID),
-        _field(q, 3).alias("timestamp"), _field(q, 2).alias("rating"), "raw_record",
+        _field(q, 3).alias("timestamp"), _field(q, 2).alias("rating"), "raw_record", schemas.SOURCE_ORDER,
     )
     return RawFrames(items, inter, "ml-100k-grouplens")
 
@@ -143,7 +160,7 @@ def read_ml1m(spark: "SparkSession", item_path: Path, inter_path: Path) -> RawFr
     q = F.split("raw_record", "::")
     inter = inter.select(
         _field(q, 0).alias(schemas.USER_ID), _field(q, 1).alias(schemas.ITEM_ID),
-        _field(q, 3).alias("timestamp"), _field(q, 2).alias("rating"), "raw_record",
+        _field(q, 3).alias("timestamp"), _field(q, 2).alias("rating"), "raw_record", schemas.SOURCE_ORDER,
     )
     return RawFrames(items, inter, "ml-1m")
 
@@ -167,10 +184,10 @@ def read_generic(spark: "SparkSession", cfg: IngestConfig, item_path: Path, inte
             return F.lit(None).cast("string")
         return F.trim(F.col(f"`{name}`").cast("string"))
 
-    items_df, inter_df = load(item_path), load(inter_path)
+    items_df, inter_df = load(item_path), load(inter_path).withColumn(schemas.SOURCE_ORDER, source_order_column())
     path_of = {id(items_df): item_path, id(inter_df): inter_path}
     raw_items = F.to_json(F.struct(*[F.col(f"`{c}`") for c in items_df.columns]))
-    raw_inter = F.to_json(F.struct(*[F.col(f"`{c}`") for c in inter_df.columns]))
+    raw_inter = F.to_json(F.struct(*[F.col(f"`{c}`") for c in inter_df.columns if c != schemas.SOURCE_ORDER]))
     items = items_df.select(
         col(items_df, cfg.item_id_col, "item_id_col", True).alias(schemas.ITEM_ID),
         col(items_df, cfg.title_col, "title_col", False).alias("title"),
@@ -184,6 +201,7 @@ def read_generic(spark: "SparkSession", cfg: IngestConfig, item_path: Path, inte
         col(inter_df, cfg.timestamp_col, "timestamp_col", True).alias("timestamp"),
         col(inter_df, cfg.rating_col, "rating_col", False).alias("rating"),
         raw_inter.alias("raw_record"),
+        schemas.SOURCE_ORDER,
     )
     return RawFrames(items, inter, cfg.source)
 

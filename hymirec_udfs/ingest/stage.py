@@ -94,7 +94,8 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     )
     ctx.store.overwrite(
         schemas.INTERACTIONS,
-        inter.select(schemas.USER_ID, schemas.ITEM_ID, "timestamp", "rating", F.lit(raw.source).alias("source")),
+        inter.select(schemas.USER_ID, schemas.ITEM_ID, "timestamp", "rating", F.lit(raw.source).alias("source"),
+                     schemas.SOURCE_ORDER),
     )
     n_users = inter.select(schemas.USER_ID).distinct().count()
     for df in (raw_items, raw_inter, items, inter, quarantine):

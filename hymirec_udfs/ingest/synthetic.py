@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 COMMON_WORDS = 400
+# Longest synthetic history; also the stride of the user-major source order.
+MAX_HISTORY = 2000
 WORDS_PER_CLUSTER = 60
 EPOCH0 = 1_600_000_000
 
@@ -95,20 +97,24 @@ def generate_raw(spark: "SparkSession", cfg: SyntheticConfig) -> "RawFrames":
             for user in batch["id"].to_numpy():
                 rng = np.random.default_rng([cfg.seed, int(user), 2])
                 mine = rng.choice(cfg.n_clusters, size=min(cfg.interests_per_user, cfg.n_clusters), replace=False)
-                length = int(min(5 + rng.geometric(1.0 / cfg.mean_history), 2000))
+                length = int(min(5 + rng.geometric(1.0 / cfg.mean_history), MAX_HISTORY))
                 picks = rng.choice(mine, size=length)
                 t = EPOCH0 + int(rng.integers(0, 10**7))
-                for c in picks:
+                for event, c in enumerate(picks):
                     if len(by_cluster[c]) == 0:
                         continue
                     item = int(rng.choice(by_cluster[c], p=weights[c]))
                     t += int(rng.integers(60, 86400))
-                    rows.append((str(user + 1), str(item), str(t), str(int(rng.integers(1, 6)))))
-            df = pd.DataFrame(rows, columns=[schemas.USER_ID, schemas.ITEM_ID, "timestamp", "rating"])
+                    # source order: user-major, then the event's place in the user's log
+                    rows.append((str(user + 1), str(item), str(t), str(int(rng.integers(1, 6))),
+                                 int(user) * MAX_HISTORY + event))
+            df = pd.DataFrame(rows, columns=[schemas.USER_ID, schemas.ITEM_ID, "timestamp", "rating",
+                                             schemas.SOURCE_ORDER])
             df["raw_record"] = df[schemas.USER_ID] + "," + df[schemas.ITEM_ID] + "," + df["timestamp"]
             yield df
 
     inter = spark.range(0, cfg.n_users, numPartitions=n_user_blocks).mapInPandas(
-        users_block, "user_id string, item_id string, timestamp string, rating string, raw_record string"
+        users_block,
+        "user_id string, item_id string, timestamp string, rating string, source_order long, raw_record string",
     )
     return RawFrames(items, inter.select(*[F.col(c) for c in inter.columns]), "synthetic")

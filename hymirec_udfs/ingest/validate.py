@@ -118,6 +118,7 @@ def validate_interactions(raw: "DataFrame", items: "DataFrame", numeric_ids: boo
         "raw_record", "reason",
     )
     good = df.where(F.col("reason").isNull()).select(
-        schemas.USER_ID, schemas.ITEM_ID, F.col("_ts").alias("timestamp"), F.col("rating").try_cast("double").alias("rating")
+        schemas.USER_ID, schemas.ITEM_ID, F.col("_ts").alias("timestamp"), F.col("rating").try_cast("double").alias("rating"),
+        schemas.SOURCE_ORDER,
     )
     return good, bad

@@ -1,23 +1,24 @@
 """Stage-2 data: the ``sequences`` files read per rank, padded into batches.
 
-Each rank reads its share of the table's Parquet files (:func:`hymirec_udfs.training.ddp.
-shard_files`); ranks run the same number of steps per epoch (the smallest share decides)
-so DDP collectives always pair up.
+Each rank reads the rows of its users (a hash of the user id picks the rank, see
+:func:`hymirec_udfs.core.shards.read_rank_share`) in (user, cut) order, so shards and
+batches do not depend on the files or the row order Spark wrote. Ranks run the same number
+of steps per epoch (the smallest share decides) so DDP collectives always pair up.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import SequencesConfig
+from hymirec_udfs.core.shards import read_rank_share
 from hymirec_udfs.recommender.item_store import ItemStore
-from hymirec_udfs.training.ddp import shard_files
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -109,6 +110,20 @@ def _split_from_path(path: str) -> Optional[str]:
     return match[-1] if match else None
 
 
+def _split_filter(split: str) -> Callable[[Any, str], Any]:
+    """Row mask of one split: the ``split`` column, or the ``split=`` directory of the file."""
+
+    def mask(table: Any, path: str) -> Any:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if COL_SPLIT in table.column_names:
+            return pc.equal(table.column(COL_SPLIT), split)
+        return pa.array(np.full(table.num_rows, _split_from_path(path) in (None, split)))
+
+    return mask
+
+
 class SequenceDataset:
     """Samples of the ``sequences`` table mapped to catalog indices.
 
@@ -149,25 +164,24 @@ class SequenceDataset:
         self.max_long = max_long
         self.recent_window = recent_window
         self.with_exclude = with_exclude
-        my_files, split_rows = shard_files(files, rank, world_size)
-        self.files = my_files
+        self.files = list(files)
+        wanted = [COL_LONG, COL_RECENT, COL_TARGET] + ([COL_EXCLUDE] if with_exclude else [])
+        # The rank's users and the row order come from the user ids and cut points alone
+        # (never from the files or the row order Spark wrote), so a rebuilt table trains
+        # the same model.
+        table = read_rank_share(
+            self.files, [COL_USER, *wanted], rank=rank, world_size=world_size, user_col=COL_USER,
+            sort_by=[COL_USER, COL_CUT], row_filter=None if split is None else _split_filter(split),
+            filter_columns=[COL_SPLIT],
+        )
         users: list[np.ndarray] = []
         cols: dict[str, list[_Ragged]] = {COL_LONG: [], COL_RECENT: [], COL_TARGET: [], COL_EXCLUDE: []}
-        wanted = [COL_LONG, COL_RECENT, COL_TARGET] + ([COL_EXCLUDE] if with_exclude else [])
-        offset = 0
-        for path in my_files:
-            table = self._read(path, split, wanted)
-            n = table.num_rows
-            if split_rows:
-                keep = np.nonzero((np.arange(offset, offset + n) % world_size) == rank)[0]
-                offset += n
-                table = table.take(pa.array(keep))
-            if table.num_rows == 0:
-                continue
+        if table.num_rows:
             user_col = np.asarray(table.column(COL_USER).cast(pa.string()).to_pylist(), dtype=object)
             users.append(user_col)
+            where = f"{len(self.files)} sequences file(s), e.g. {self.files[0]}"
             for name in wanted:
-                cols[name].append(self._index_column(table.column(name), name, user_col, path))
+                cols[name].append(self._index_column(table.column(name), name, user_col, where))
         self.user_ids = np.concatenate(users) if users else np.zeros(0, dtype=object)
         self.long = _Ragged.concat(cols[COL_LONG])
         self.recent = _Ragged.concat(cols[COL_RECENT])
@@ -179,25 +193,6 @@ class SequenceDataset:
     def long_lengths(self) -> np.ndarray:
         """Long-history length of every sample after truncation to ``max_long``."""
         return np.minimum(self.long.ends - self.long.starts, self.max_long)
-
-    @staticmethod
-    def _read(path: str, split: Optional[str], wanted: list[str]) -> Any:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        path_split = _split_from_path(path)
-        schema = pq.read_schema(path)
-        missing = [c for c in [COL_USER] + wanted if c not in schema.names]
-        if missing:
-            raise ValueError(f"{path}: sequences file lacks column(s) {missing} (has {schema.names})")
-        columns = [COL_USER] + wanted
-        if split is not None and path_split is not None and path_split != split:
-            return pq.read_table(path, columns=columns).slice(0, 0)
-        has_split = COL_SPLIT in schema.names
-        table = pq.read_table(path, columns=columns + ([COL_SPLIT] if has_split else []))
-        if split is not None and has_split:
-            table = table.filter(pc.equal(table.column(COL_SPLIT), split))
-        return table.select(columns)
 
     def _index_column(self, column: Any, name: str, users: np.ndarray, path: str) -> _Ragged:
         import pyarrow as pa

@@ -45,6 +45,11 @@ TINYLLAMA_1_1B_SIZES: dict[str, int] = {
 
 # Long-history position table size when no ``max_long`` is given; longer inputs raise.
 DEFAULT_MAX_POSITIONS = 1024
+# At init a position vector's norm is this fraction of the projected item content's, so
+# the content dominates a history token (share ~0.9) and order is still visible.
+POSITION_TO_CONTENT = 0.5
+# Catalog rows used to measure the projected content's norm at init.
+CONTENT_SCALE_SAMPLE = 256
 
 
 def recency_positions(idx: torch.Tensor) -> torch.Tensor:
@@ -287,6 +292,29 @@ class HyMiRec(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         else:
             self.logit_scale = None
+        self._init_at_content_scale()
+
+    @torch.no_grad()
+    def _init_at_content_scale(self) -> None:
+        """Position table and indicator at the scale of the item content they are added to.
+
+        ``nn.Embedding``'s default N(0, 1) gives positions of norm ~sqrt(width) (7.9 at
+        64), against ~0.35 for a projected unit item vector: the content would be ~4% of
+        a history token. Positions are drawn so their norm is :data:`POSITION_TO_CONTENT`
+        of the projected content's, and the indicator with the norm of a projected recent
+        item (the content tokens it tells the coarse tokens apart from).
+        """
+        sample = self.item_embeddings[1 : 1 + CONTENT_SCALE_SAMPLE]
+        sample = sample[torch.isfinite(sample).all(dim=-1)]  # bad rows fail later, named
+        if not len(sample):
+            return
+        if self.cfg.use_light:
+            content = self.light_in(sample).norm(dim=-1).mean().item()
+            width = self.light_pos.weight.shape[1]
+            nn.init.normal_(self.light_pos.weight, std=POSITION_TO_CONTENT * content / math.sqrt(width))
+            if self.cfg.use_indicator:
+                recent = self.recent_in(sample).norm(dim=-1).mean().item()
+                nn.init.normal_(self.indicator, std=recent / math.sqrt(self.indicator.numel()))
 
     # Item side -------------------------------------------------------------------------
     def decode_items(self, idx: torch.Tensor) -> torch.Tensor:

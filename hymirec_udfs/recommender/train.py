@@ -72,8 +72,10 @@ def rank_of_targets(
 
     A user's score for item i is ``max_j <u_j, v_i>`` (the cosine for unit vectors).
     The rank counts catalog items (padding row 0 excluded, ``exclude_idx`` excluded, the
-    target itself excluded) scoring strictly higher than the target, plus one; ties are
-    resolved in the target's favour. The catalog is scored in chunks so memory stays
+    target itself excluded) scoring at least as high as the target, plus one: ties count
+    against the target, the rule of the final evaluation
+    (:func:`hymirec_udfs.evaluation.scoring.rank_targets`), so the checkpoint is chosen on
+    the metric that is reported. The catalog is scored in chunks so memory stays
     bounded by ``B x chunk_items``.
 
     Args:
@@ -101,7 +103,7 @@ def rank_of_targets(
         skip = torch.zeros(bsz, b - a + 1, dtype=torch.bool, device=scores.device)
         inside = (skip_idx >= a) & (skip_idx < b)
         skip.scatter_(1, torch.where(inside, skip_idx - a, b - a), True)
-        higher += ((scores > t_score[:, None]) & ~skip[:, :-1]).sum(1)
+        higher += ((scores >= t_score[:, None]) & ~skip[:, :-1]).sum(1)
     return higher + 1
 
 

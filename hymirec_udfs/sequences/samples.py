@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import SequencesConfig
+from hymirec_udfs.core.shards import SHARD_COLUMN, user_shards
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -42,7 +43,7 @@ def user_samples(user_id: str, items: list[str], timestamps: list[int], cfg: Seq
 
     Args:
         user_id: the user.
-        items: item ids ordered by (timestamp, item id).
+        items: item ids ordered by (timestamp, source order).
         timestamps: matching timestamps.
         cfg: sequence settings.
 
@@ -84,19 +85,24 @@ def build_sequences(interactions: "DataFrame", cfg: SequencesConfig) -> "DataFra
     import pandas as pd
     from pyspark.sql import functions as F
 
+    # Time order, ties by the source order (RecBole's rule: no item-id signal); the id is a
+    # last key only for rows of different sources that tie on both.
     grouped = interactions.groupBy(schemas.USER_ID).agg(
-        F.array_sort(F.collect_list(F.struct("timestamp", schemas.ITEM_ID))).alias("events")
+        F.array_sort(F.collect_list(F.struct("timestamp", schemas.SOURCE_ORDER, schemas.ITEM_ID))).alias("events")
     )
 
     def per_user(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         for batch in batches:
             rows = []
             for user_id, events in zip(batch[schemas.USER_ID], batch["events"]):
-                ordered = list(events)  # already sorted by (timestamp, item_id)
+                ordered = list(events)  # already sorted by (timestamp, source order)
                 rows.extend(user_samples(
                     user_id, [e[schemas.ITEM_ID] for e in ordered], [int(e["timestamp"]) for e in ordered], cfg
                 ))
-            yield pd.DataFrame(rows, columns=schemas.arrow_schema(schemas.SEQUENCES).names)
+            frame = pd.DataFrame(rows, columns=[c for c in schemas.arrow_schema(schemas.SEQUENCES).names
+                                                if c != SHARD_COLUMN])
+            frame[SHARD_COLUMN] = user_shards(frame[schemas.USER_ID].tolist()).astype("int32")
+            yield frame
 
     schema = schemas.spark_schema(schemas.SEQUENCES)
     return grouped.mapInPandas(per_user, schema)

@@ -1,13 +1,15 @@
 """Stage ``build_sequences``: interactions -> train/valid/test samples.
 
-Per user, interactions are ordered by time (ties broken by item id, so the order is
-deterministic). Leave-one-out by default: the last item is the test target, the one
-before it the validation target, the rest is training data. Training samples are cut
-at points along the training prefix (every ``stride`` items); each carries the recent
-window (last ``n`` items before the cut), the long history before that window (up to
+Per user, interactions are ordered by time (ties broken by the source order assigned at
+ingest, so the order is deterministic and carries no item-id signal). Leave-one-out by
+default: the last item is the test target, the one before it the validation target,
+the rest is training data. Training samples are cut at points along the training prefix
+(every ``stride`` items); each carries the recent window (last ``n`` items before the cut), the long history before that window (up to
 ``max_long``) and the window targets (next ``w`` items, never past the training part).
 Validation and test samples use the whole prefix before their target and carry the
-prefix's distinct items for excluding history at ranking time.
+prefix's distinct items for excluding history at ranking time. Every row carries its
+user's ``shard`` (a hash of the user id) and the table is written sorted by it, so each
+training rank reads the rows of its own users (:func:`hymirec_udfs.core.shards.read_rank_share`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import Config
+from hymirec_udfs.core.shards import SHARD_COLUMN
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
 from hymirec_udfs.sequences.samples import SequenceError, build_sequences
 
@@ -30,7 +33,12 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
         SequenceError: no interactions, no user long enough, or interactions naming items
             that have no embedding or no code (named, first 10).
     """
-    inter = ctx.read(schemas.INTERACTIONS).select(schemas.USER_ID, schemas.ITEM_ID, "timestamp")
+    inter = ctx.read(schemas.INTERACTIONS)
+    if schemas.SOURCE_ORDER not in inter.columns:
+        raise SequenceError(
+            f"table 'interactions' has no '{schemas.SOURCE_ORDER}' column (written by an older ingest):"
+            " run `hymirec ingest` again (or `pipeline run --force`)")
+    inter = inter.select(schemas.USER_ID, schemas.ITEM_ID, "timestamp", schemas.SOURCE_ORDER)
     if inter.limit(1).count() == 0:
         raise SequenceError("table 'interactions' is empty: nothing to build sequences from")
     for table in (schemas.ITEM_EMBEDDINGS, schemas.ITEM_CODES):
@@ -46,8 +54,14 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
 
     samples = build_sequences(inter, cfg.sequences)
     files = max(4, 2 * cfg.train.num_processes)
-    # Several files, so every training rank gets its own share to read.
-    ctx.store.overwrite(schemas.SEQUENCES, samples.repartition(files, schemas.USER_ID))
+    # Several files, each a contiguous range of shards sorted by (shard, user, cut): a
+    # rank's readers skip the row groups of other ranks' shards. Which rows a rank reads
+    # and their order do not depend on this layout (read_rank_share sorts them).
+    ctx.store.overwrite(
+        schemas.SEQUENCES,
+        samples.repartitionByRange(files, SHARD_COLUMN).sortWithinPartitions(
+            SHARD_COLUMN, schemas.USER_ID, "split", "cut"),
+    )
     written = ctx.store.read(schemas.SEQUENCES)
     counts = {r["split"]: r["count"] for r in written.groupBy("split").count().collect()}
     users = inter.select(schemas.USER_ID).distinct().count()

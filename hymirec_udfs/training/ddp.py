@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 
@@ -87,25 +87,3 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def shard_files(files: Sequence[str], rank: int, world_size: int) -> tuple[list[str], bool]:
-    """The files a rank reads.
-
-    Args:
-        files: all Parquet files, in a deterministic order.
-        rank: this rank.
-        world_size: number of ranks.
-
-    Returns:
-        ``(files, split_rows)``: round-robin files when there are at least as many files
-        as ranks; otherwise all files with ``split_rows`` True (keep rows ``i % world ==
-        rank``).
-    """
-    files = list(files)
-    if world_size <= 1:
-        return files, False
-    if len(files) >= world_size:
-        return files[rank::world_size], False
-    return files, True
-

@@ -222,16 +222,17 @@ def test_saved_encoder_loads_and_embeds_like_the_trained_model(tiny_llama_dir: s
 def _write_tables(spark, store, users: dict[str, list[str]], texts: dict[str, str]) -> None:
     items = [(i, i, None, None, t, "test", NOW) for i, t in texts.items()]
     store.overwrite(schemas.ITEMS, spark.createDataFrame(items, schemas.spark_schema(schemas.ITEMS)))
-    rows = [(u, item, int(t), None, "test") for u, seq in users.items() for t, item in enumerate(seq)]
+    rows = [(u, item, int(t), None, "test", n * 1000 + int(t))
+            for n, (u, seq) in enumerate(users.items()) for t, item in enumerate(seq)]
     store.overwrite(schemas.INTERACTIONS, spark.createDataFrame(rows, schemas.spark_schema(schemas.INTERACTIONS)))
 
 
 @pytest.mark.spark
 def test_windows_hold_out_the_last_two_items_and_skip_items_without_text(spark) -> None:
     inter = spark.createDataFrame(
-        [("u", item, ts) for ts, item in enumerate("abcdefghijk")] + [("u", "x", 3)]  # x: tie at t=3, no text
-        + [("v", "a", 1), ("v", "b", 2), ("v", "c", 3)],  # v keeps one item: no window
-        "user_id string, item_id string, timestamp long",
+        [("u", item, ts, ts) for ts, item in enumerate("abcdefghijk")] + [("u", "x", 3, 99)]  # x: tie at t=3, no text
+        + [("v", "a", 1, 1), ("v", "b", 2, 2), ("v", "c", 3, 3)],  # v keeps one item: no window
+        "user_id string, item_id string, timestamp long, source_order long",
     )
     items = spark.createDataFrame([(i, f"text {i}") for i in "abcdefghijk"] + [("x", " ")],
                                   "item_id string, text string")

@@ -70,21 +70,21 @@ def test_validate_interactions_rules(spark) -> None:
     items = spark.createDataFrame([("10",), ("11",)], "item_id string")
     raw = spark.createDataFrame(
         [
-            ("u1", "10", "1700000000", "4", "ok-epoch"),
-            ("u1", "11", "2024-01-02T03:04:05Z", None, "ok-iso"),
-            ("u2", "99", "1700000000", "3", "unknown-item"),
-            (None, "10", "1700000000", "3", "null-user"),
-            ("u3", "10", "yesterday", "3", "bad-ts"),
-            ("u3", "10", "1700000000", "five", "bad-rating"),
+            ("u1", "10", "1700000000", "4", "ok-epoch", 0),
+            ("u1", "11", "2024-01-02T03:04:05Z", None, "ok-iso", 1),
+            ("u2", "99", "1700000000", "3", "unknown-item", 2),
+            (None, "10", "1700000000", "3", "null-user", 3),
+            ("u3", "10", "yesterday", "3", "bad-ts", 4),
+            ("u3", "10", "1700000000", "five", "bad-rating", 5),
         ],
-        "user_id string, item_id string, timestamp string, rating string, raw_record string",
+        "user_id string, item_id string, timestamp string, rating string, raw_record string, source_order long",
     )
     good, bad = validate_interactions(raw, items, numeric_ids=False)
     expected_good = spark.createDataFrame(
-        [("u1", "10", 1700000000, 4.0), ("u1", "11", 1704164645, None)],
-        "user_id string, item_id string, timestamp long, rating double",
+        [("u1", "10", 1700000000, 4.0, 0), ("u1", "11", 1704164645, None, 1)],
+        "user_id string, item_id string, timestamp long, rating double, source_order long",
     )
-    good_cols = good.select("user_id", "item_id", "timestamp", "rating")
+    good_cols = good.select("user_id", "item_id", "timestamp", "rating", "source_order")
     assertSchemaEqual(good_cols.schema, expected_good.schema)
     assertDataFrameEqual(good_cols, expected_good)
     assertDataFrameEqual(
@@ -131,6 +131,10 @@ def test_generic_csv_stage_writes_tables_and_quarantine(spark, make_cfg, tmp_pat
     }
     raw = store.read(schemas.QUARANTINE).where("reason = 'unparsable timestamp'").first().raw_record
     assert '"timestamp":"later"' in raw
+    # source order follows the file's line order (and is not part of the raw record)
+    inter = sorted(store.read(schemas.INTERACTIONS).collect(), key=lambda r: r.source_order)
+    assert [(r.user_id, r.item_id) for r in inter] == [("u1", "1"), ("u1", "2"), ("u2", "1")]
+    assert '"source_order"' not in raw
     runs = store.read(schemas.JOB_RUNS).collect()
     assert [(r.stage, r.status) for r in runs] == [("ingest", "success")]
     assert runs[0].output_versions == {"items": 0, "interactions": 0, "quarantine": 0}
@@ -182,11 +186,13 @@ def test_grouplens_and_ml1m_formats(spark, make_cfg, tmp_path: Path) -> None:
     m1 = tmp_path / "m1"
     m1.mkdir()
     _write(m1 / "movies.dat", "1::Toy Story (1995)::Animation|Children's|Comedy\n", encoding="latin1")
-    _write(m1 / "ratings.dat", "1::1::5::978300760\n")
+    _write(m1 / "ratings.dat", "2::1::5::978300760\n\n1::1::4::978300760\n3::1::3::978300761\n")
     raw = read_raw(spark, make_cfg("ingest.source=ml-1m", f"ingest.data_dir={m1}"))
     item = raw.items.first()
     assert (item.title, item.tags) == ("Toy Story", "Animation, Children's, Comedy")
-    assert raw.interactions.first().timestamp == "978300760"
+    # the latin-1 path numbers lines itself: source order is the line order, blank lines skipped
+    rows = sorted(raw.interactions.collect(), key=lambda r: r.source_order)
+    assert [(r.user_id, r.timestamp) for r in rows] == [("2", "978300760"), ("1", "978300760"), ("3", "978300761")]
 
 
 def test_synthetic_is_deterministic_and_skewed(spark, make_cfg) -> None:

@@ -123,6 +123,24 @@ def test_hymirec_shape_unit_norm_and_buffers_not_trained() -> None:
     assert {"coarse_queries", "indicator", "refined_queries"} <= names
 
 
+@pytest.mark.parametrize("width", [16, 64, 256])
+def test_at_init_item_content_is_most_of_a_history_token(width: int) -> None:
+    # With nn.Embedding's N(0, 1) positions the content was ~4% of a history token at
+    # width 64; positions now start at half the projected content's norm.
+    cfg = dataclasses.replace(TINY, light_width=width, light_heads=2)
+    model = _build(cfg=cfg)
+    with torch.no_grad():
+        idx = LONG[1:2]
+        content = model.light_in(model.long_history_vectors(idx))
+        token = content + model.light_pos(recency_positions(idx))
+        share = (content.norm(dim=-1) / token.norm(dim=-1)).mean().item()
+        recent = model.recent_in(model.item_embeddings[1:]).norm(dim=-1).mean().item()
+    assert share >= 0.3
+    assert share < 0.999  # positions are not zero: order is visible
+    # the indicator is as large as the content tokens it marks the coarse tokens against
+    assert 0.5 * recent < model.indicator.norm().item() < 2.0 * recent
+
+
 @pytest.mark.parametrize("model_type", ["hymirec", "hllm", "sasrec"])
 def test_extra_left_padding_does_not_change_output(model_type: str) -> None:
     model = _build(model_type)

@@ -21,7 +21,7 @@ from hymirec_udfs.recommender.item_store import ItemStore
 from hymirec_udfs.recommender.models import build_model, model_loss
 from hymirec_udfs.training.optim import NonFiniteLossError, WarmupCosine
 from hymirec_udfs.recommender.data import SequenceDataset, epoch_batches
-from hymirec_udfs.training.ddp import shard_files
+from hymirec_udfs.core.shards import rank_shard_range, read_rank_share, user_shards
 from hymirec_udfs.training.checkpoints import load_checkpoint
 from hymirec_udfs.recommender.train import load_trained_model, rank_of_targets, train, train_local_processes
 
@@ -166,18 +166,48 @@ def test_dataset_split_column_and_partition_directory(tmp_path) -> None:
     assert len(SequenceDataset(part, store, split="valid")) == 3
 
 
-def test_sharding_round_robin_files_or_rows(tmp_path) -> None:
-    assert shard_files(["a", "b", "c"], 1, 2) == (["b"], False)
-    assert shard_files(["a", "b", "c"], 0, 2) == (["a", "c"], False)
-    assert shard_files(["a"], 1, 2) == (["a"], True)
-    rows = make_rows(n_users=2)
+def test_rank_shares_depend_on_user_ids_only(tmp_path) -> None:
+    import random
+
+    rows = make_rows(n_users=12)
+    shuffled = list(rows)
+    random.Random(3).shuffle(shuffled)
+    a = write_parts(tmp_path / "a", rows, 3)
+    b = write_parts(tmp_path / "b", shuffled, 5)
+    store = make_store()
+    seen = []
+    for rank in range(3):
+        first = SequenceDataset(a, store, split=None, rank=rank, world_size=3)
+        second = SequenceDataset(b[::-1], store, split=None, rank=rank, world_size=3)
+        # same users, same rows in the same order, whatever the files and their row order
+        assert first.user_ids.tolist() == second.user_ids.tolist()
+        assert np.array_equal(first.long.values, second.long.values)
+        assert np.array_equal(first.target.values, second.target.values)
+        lo, hi = rank_shard_range(rank, 3)
+        assert all(lo <= s < hi for s in user_shards(first.user_ids.tolist()))
+        assert first.user_ids.tolist() == sorted(first.user_ids.tolist())
+        seen.extend(first.user_ids.tolist())
+    assert sorted(seen) == sorted(r["user_id"] for r in rows)  # every row on exactly one rank
+
+
+def test_rank_share_skips_row_groups_of_other_shards(tmp_path) -> None:
+    rows = sorted(make_rows(n_users=40), key=lambda r: (user_shards([r["user_id"]])[0], r["user_id"]))
+    for r in rows:
+        r["shard"] = int(user_shards([r["user_id"]])[0])
+    path = tmp_path / "sorted.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
+    lo, hi = rank_shard_range(0, 4)
+    share = read_rank_share([str(path)], ["user_id"], rank=0, world_size=4, user_col="user_id",
+                            sort_by=["user_id", "cut"])
+    assert sorted(set(share.column("user_id").to_pylist())) == sorted(
+        {r["user_id"] for r in rows if lo <= r["shard"] < hi})
+
+
+def test_rank_share_names_a_missing_column(tmp_path) -> None:
+    rows = [{k: v for k, v in r.items() if k != "cut"} for r in make_rows(n_users=2)]
     path = write_parts(tmp_path, rows, 1)
-    train_users = [r["user_id"] for r in rows if r["split"] == "train"]
-    rank1 = SequenceDataset(path, make_store(), split=None, rank=1, world_size=2)
-    assert len(rank1) == len(rows) // 2
-    all_users = [r["user_id"] for r in rows]
-    assert rank1.user_ids.tolist() == all_users[1::2]
-    assert train_users  # sanity: the toy data has training rows
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['cut'\]"):
+        SequenceDataset(path, make_store(), split="train")
 
 
 # Ranking ---------------------------------------------------------------------------------
@@ -195,6 +225,15 @@ def test_rank_of_targets_by_hand() -> None:
         assert rank_of_targets(users, items, target, torch.tensor([[0, 3, 4]]), chunk_items=chunk).tolist() == [3]
     # The best item ranks first even with itself in the catalog.
     assert rank_of_targets(users, items, torch.tensor([3])).tolist() == [1]
+
+
+def test_rank_of_targets_counts_ties_against_the_target() -> None:
+    # the evaluation's rule (pessimistic): an item scoring exactly the target's score
+    # ranks above it, so validation picks checkpoints on the metric that is reported
+    users = torch.tensor([[[1.0, 0.0]]])
+    items = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.5, 0.3], [0.4, 0.0]])
+    assert rank_of_targets(users, items, torch.tensor([1])).tolist() == [2]
+    assert rank_of_targets(users, items, torch.tensor([2])).tolist() == [2]
 
 
 def test_warmup_cosine_schedule() -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import SequencesConfig
+from hymirec_udfs.core.shards import user_shards
 from hymirec_udfs.sequences.samples import SequenceError, build_sequences, user_samples
 from hymirec_udfs.core.stage_api import StageFailed
 from hymirec_udfs.pipeline import run_stage
@@ -49,16 +50,20 @@ def test_time_cutoff_split() -> None:
 
 
 @pytest.mark.spark
-def test_spark_build_orders_ties_deterministically(spark) -> None:
-    log = spark.createDataFrame(
-        [("u1", "z", 5), ("u1", "a", 5), ("u1", "m", 1), ("u1", "q", 9), ("u1", "r", 10), ("u2", "x", 1)],
-        "user_id string, item_id string, timestamp long",
-    )
+def test_spark_build_breaks_time_ties_by_source_order_not_by_id(spark) -> None:
+    # (user, item, timestamp, source order): z and a share t=5; z came first in the source
+    events = [("u1", "z", 5, 10), ("u1", "a", 5, 11), ("u1", "m", 1, 12), ("u1", "q", 9, 13), ("u1", "r", 10, 14),
+              ("u2", "x", 1, 1), ("u3", "b", 7, 30), ("u3", "c", 7, 20), ("u3", "d", 8, 40)]
+    log = spark.createDataFrame(events, "user_id string, item_id string, timestamp long, source_order long")
     cfg = SequencesConfig(recent_window=10, window_targets=1, min_train_len=1)
-    rows = build_sequences(log, cfg).where("split = 'test'").collect()
-    assert len(rows) == 1  # u2 is too short
-    # Order: m(1), a(5), z(5) [tie broken by id], q(9), r(10).
-    assert rows[0].recent_ids == ["m", "a", "z", "q"] and rows[0].target_ids == ["r"]
+    rows = {r.user_id: r for r in build_sequences(log, cfg).where("split = 'test'").collect()}
+    assert set(rows) == {"u1", "u3"}  # u2 is too short
+    # u1: m(1), z(5) a(5) [source order, although 'a' < 'z'], q(9), r(10)
+    assert rows["u1"].recent_ids == ["m", "z", "a", "q"] and rows["u1"].target_ids == ["r"]
+    # u3: c(7, order 20) before b(7, order 30): the id order would say b first
+    assert rows["u3"].recent_ids == ["c", "b"]
+    # the rank shard is stored per row, equal to the loader's hash of the user id
+    assert rows["u1"].shard == int(user_shards(["u1"])[0])
 
 
 @pytest.mark.spark
@@ -69,7 +74,7 @@ def test_stage_counts_and_bad_input(spark, make_cfg) -> None:
     store = get_table_store(spark, cfg)
     with pytest.raises(StageFailed, match="needs table 'interactions'"):
         run_stage(spark, cfg, "build-sequences")
-    log = [("u1", i, t, None, "t") for t, i in enumerate("abcdef")] + [("u2", "a", 1, None, "t")]
+    log = [("u1", i, t, None, "t", t) for t, i in enumerate("abcdef")] + [("u2", "a", 1, None, "t", 9)]
     store.overwrite(schemas.INTERACTIONS, spark.createDataFrame(log, schemas.spark_schema(schemas.INTERACTIONS)))
     job = run_stage(spark, cfg, "build-sequences")
     assert job.row_counts == {"train_samples": 3, "valid_samples": 1, "test_samples": 1, "users": 1,

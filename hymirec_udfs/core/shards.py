@@ -1,0 +1,133 @@
+"""Rank shares by user: which rows a training rank reads, fixed by the data alone.
+
+Users are hashed into :data:`USER_SHARDS` shards; a rank reads the users of a contiguous
+shard range, sorted by a key of the data (user, cut). Writers store the shard in a
+``shard`` column and sort by it so readers skip other ranks' row groups; readers fall back
+to hashing the user id where a file has no such column. Used by ``build_sequences`` and
+stage 2's loader, and by stage 1's window writer and loader. numpy only at import time
+(these run inside Spark's Python workers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+#: Users are hashed into this many shards (CRC-32 of the UTF-8 user id, mod this); rank r
+#: of W reads the contiguous shard range ``[r*S//W, (r+1)*S//W)``. A rank's rows therefore
+#: depend on the user ids only, never on the order or the files Spark wrote them in. Keep
+#: the number of ranks at or below it (more ranks than shards leaves ranks without data).
+USER_SHARDS = 1024
+SHARD_COLUMN = "shard"
+
+
+def user_shards(user_ids: Any) -> np.ndarray:
+    """Shard of each user id: ``crc32(utf8(id)) % USER_SHARDS`` (Spark: ``pmod(crc32(id), S)``).
+
+    Args:
+        user_ids: an Arrow array or any sequence of strings.
+
+    Returns:
+        (n,) int64 shard numbers.
+    """
+    import zlib
+
+    values = user_ids.to_pylist() if hasattr(user_ids, "to_pylist") else list(user_ids)
+    return np.fromiter((zlib.crc32(str(u).encode("utf-8")) % USER_SHARDS for u in values),
+                       dtype=np.int64, count=len(values))
+
+
+def spark_user_shard(user_col: str) -> Any:
+    """The Spark column equal to :func:`user_shards` (for writers that store the shard)."""
+    from pyspark.sql import functions as F
+
+    return F.pmod(F.crc32(F.col(user_col).cast("binary")), F.lit(USER_SHARDS)).cast("int")
+
+
+def rank_shard_range(rank: int, world_size: int) -> tuple[int, int]:
+    """Half-open shard range ``[lo, hi)`` of ``rank`` among ``world_size`` ranks."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank * USER_SHARDS // world_size, (rank + 1) * USER_SHARDS // world_size
+
+
+def read_rank_share(
+    files: Sequence[str],
+    columns: Sequence[str],
+    *,
+    rank: int,
+    world_size: int,
+    user_col: str,
+    sort_by: Sequence[str],
+    row_filter: Optional[Callable[[Any, str], Any]] = None,
+    filter_columns: Sequence[str] = (),
+) -> Any:
+    """This rank's rows of a set of Parquet files, in an order fixed by the data alone.
+
+    A row belongs to the rank whose shard range holds its user's shard (the file's
+    ``shard`` column, or the hash of ``user_col`` where the file has none), and the rows
+    are sorted by ``sort_by``: the result is the same whatever files Spark wrote and
+    whatever order the rows came out in. Row groups whose ``shard`` statistics lie outside
+    the rank's range are not read, so writers that sort by shard (``build_sequences``)
+    give each rank about 1/W of the bytes to read; the rest costs one footer per file.
+
+    Args:
+        files: Parquet files.
+        columns: columns to return (``user_col`` is always read).
+        rank: this rank.
+        world_size: number of ranks.
+        user_col: the user id column.
+        sort_by: columns giving the row order (ascending), e.g. user id then cut.
+        row_filter: optional ``(table, path) -> boolean mask`` applied per file before
+            sharding (e.g. the split).
+        filter_columns: columns ``row_filter`` reads, where the file has them.
+
+    Returns:
+        A ``pyarrow.Table`` with ``columns`` (empty when the rank has no rows).
+
+    Raises:
+        ValueError: no files, or a file lacks a column (named with the file).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lo, hi = rank_shard_range(rank, world_size)
+    wanted = list(dict.fromkeys([user_col, *columns, *sort_by]))
+    parts = []
+    empty = None
+    for path in files:
+        handle = pq.ParquetFile(path)
+        names = handle.schema_arrow.names
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise ValueError(f"{path}: lacks column(s) {missing} (has {names})")
+        has_shard = SHARD_COLUMN in names
+        groups = list(range(handle.num_row_groups))
+        if has_shard:
+            index = names.index(SHARD_COLUMN)
+            keep = []
+            for g in groups:
+                stats = handle.metadata.row_group(g).column(index).statistics
+                if stats is None or not stats.has_min_max or (stats.max >= lo and stats.min < hi):
+                    keep.append(g)
+            groups = keep
+        if empty is None:
+            empty = handle.schema_arrow.empty_table().select(wanted)
+        if not groups:
+            continue
+        extra = [c for c in (*filter_columns, *([SHARD_COLUMN] if has_shard else [])) if c in names]
+        read = list(dict.fromkeys(wanted + extra))
+        table = handle.read_row_groups(groups, columns=read)
+        if row_filter is not None:
+            table = table.filter(row_filter(table, path))
+        shard = (np.asarray(table.column(SHARD_COLUMN)) if has_shard
+                 else user_shards(table.column(user_col)))
+        mask = (shard >= lo) & (shard < hi)
+        parts.append(table.select(wanted).filter(pa.array(mask)))
+    if not parts:
+        if empty is None:
+            raise ValueError("no files to read: the table has no data files")
+        return empty.select(list(columns))
+    table = pa.concat_tables(parts)
+    return table.sort_by([(c, "ascending") for c in sort_by]).select(list(columns))

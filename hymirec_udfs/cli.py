@@ -130,12 +130,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(job_summary(job))
         _result({"command": args.command, "stage": job.stage, "status": job.status, "run_id": job.run_id,
                  "mlflow_run_id": job.mlflow_run_id, "rows": job.row_counts, "outputs": job.output_versions,
-                 "wall_s": round(job.wall_s, 1)})
+                 "wall_s": round(job.wall_s, 1), "spark": spark_settings(spark)})
         return 0
     except StageFailed as exc:
         print(f"hymirec: {exc}", file=sys.stderr)
         _result({"command": args.command, "status": "failed", "stage": exc.stage, "error": str(exc.error)})
         return 1
+
+
+# Settings an operator checks first when a scheduled job misbehaves (reported per run).
+REPORTED_SPARK_CONF = ("spark.master", "spark.app.name", "spark.sql.shuffle.partitions",
+                       "spark.sql.execution.arrow.maxRecordsPerBatch", "spark.sql.session.timeZone")
+
+
+def spark_settings(spark: Any) -> dict[str, Optional[str]]:
+    """The effective values of :data:`REPORTED_SPARK_CONF` in this session."""
+    return {key: spark.conf.get(key, None) for key in REPORTED_SPARK_CONF}
 
 
 def job_summary(job: Any) -> str:

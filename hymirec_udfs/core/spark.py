@@ -17,6 +17,25 @@ if TYPE_CHECKING:  # pragma: no cover
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 
+# What the code relies on, set unless the launcher (spark-submit --conf, spark-defaults)
+# already chose a value.
+REQUIRED_CONF = {
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.session.timeZone": "UTC",
+    # delta-rs reads Spark-staged Parquet: write timestamps as INT64 micros, not INT96.
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+}
+# Sizing for the embedded local session on a 2-core laptop; never applied under spark-submit.
+LAPTOP_CONF = {
+    "spark.sql.shuffle.partitions": "4",
+    "spark.default.parallelism": "4",
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.driver.memory": "4g",
+    "spark.python.worker.reuse": "true",
+}
+
 
 def get_spark(
     cfg: Optional["Config"] = None,
@@ -28,10 +47,12 @@ def get_spark(
 ):
     """Return the active SparkSession, or build the embedded local one.
 
-    On a cluster (spark-submit) or on Databricks a session already exists: it is
-    reused as is, and ``conf`` is applied only for runtime-settable keys. Locally a
-    ``master`` session is created with settings that suit a 2-core laptop
-    (few shuffle partitions, Arrow enabled, UI off).
+    An active session (Databricks, a notebook, the tests) is reused as is. Under
+    spark-submit (a scheduler, a cluster) the launcher's ``--master``, ``--name`` and
+    ``--conf`` values and ``spark-defaults.conf`` win: only :data:`REQUIRED_CONF` and the
+    config's ``spark.conf`` keys the launcher left unset are added. Otherwise a ``master``
+    session is created with :data:`LAPTOP_CONF` (few shuffle partitions, UI off), which
+    ``spark.conf`` overrides.
 
     Args:
         cfg: configuration; when given, its ``spark`` section supplies the master,
@@ -56,7 +77,16 @@ def get_spark(
         conf = {**cfg.spark.conf, **dict(conf or {})}
         local_dir = local_dir or str(cfg.work_dir / "spark-tmp")
     builder = SparkSession.builder
-    if not os.environ.get("PYSPARK_GATEWAY_PORT"):
+    launched = bool(os.environ.get("PYSPARK_GATEWAY_PORT"))
+    preset: set[str] = set()
+    if launched:
+        # Under spark-submit (a scheduler, a cluster) its --master / --name / --conf and
+        # spark-defaults.conf win: only keys the launcher left unset are filled in, and the
+        # laptop sizing is not applied at all.
+        from pyspark import SparkConf
+
+        preset = {key for key, _ in SparkConf().getAll()}
+    else:
         # Not launched by spark-submit: we choose the master. Under spark-submit, its
         # --master / --name win and must not be overridden from config.
         builder = builder.appName(app_name).master(master)
@@ -64,23 +94,12 @@ def get_spark(
         # whatever `python3` comes first on PATH.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    defaults = {
-        "spark.sql.shuffle.partitions": "4",
-        "spark.default.parallelism": "4",
-        "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
-        "spark.ui.enabled": "false",
-        "spark.ui.showConsoleProgress": "false",
-        "spark.driver.memory": "4g",
-        "spark.sql.session.timeZone": "UTC",
-        "spark.python.worker.reuse": "true",
-        # delta-rs reads Spark-staged Parquet: write timestamps as INT64 micros, not INT96.
-        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
-    }
-    if local_dir:
+    defaults = dict(REQUIRED_CONF) if launched else {**LAPTOP_CONF, **REQUIRED_CONF}
+    if local_dir and not launched:
         defaults["spark.local.dir"] = local_dir
     for key, value in {**defaults, **dict(conf or {})}.items():
-        builder = builder.config(key, str(value))
+        if key not in preset:
+            builder = builder.config(key, str(value))
     if delta_jars_available():
         builder = builder.config("spark.sql.extensions", DELTA_EXTENSION).config(
             "spark.sql.catalog.spark_catalog", DELTA_CATALOG
@@ -88,7 +107,8 @@ def get_spark(
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     ensure_java()
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
+    if not launched:
+        spark.sparkContext.setLogLevel("ERROR")  # a launcher's log4j settings stay in charge
     return spark
 
 

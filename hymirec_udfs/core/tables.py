@@ -38,6 +38,10 @@ class SchemaMismatchError(ValueError):
     """A DataFrame does not match the declared schema of the table it is written to."""
 
 
+class StagedWriteError(RuntimeError):
+    """A staged write cannot be committed whole (files not visible, rows missing)."""
+
+
 class TableNotFoundError(LookupError):
     """The table has not been written yet."""
 
@@ -230,16 +234,37 @@ class DeltaRsStore(TableStore):
         return sorted(table.file_uris())
 
     def _batches(self, staging: Path, target: pa.Schema) -> pa.RecordBatchReader:
-        import pyarrow.dataset as ds
+        """The staged rows as Arrow batches, checked before anything is committed.
 
+        Raises (inside the commit, so nothing is committed):
+            StagedWriteError: Spark's commit marker is missing (it wrote somewhere the driver
+                cannot see, e.g. ``fs.defaultFS`` is not the driver's disk), or fewer rows
+                were read back than the staged files' footers hold.
+        """
+        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
+
+        if not (staging / "_SUCCESS").exists():
+            hadoop = self.spark.sparkContext._jsc.hadoopConfiguration()
+            raise StagedWriteError(
+                f"staged write for {staging.name} left no _SUCCESS marker at {staging}: Spark wrote it where "
+                f"the driver cannot see it (fs.defaultFS={hadoop.get('fs.defaultFS')}); nothing was committed. "
+                "Use storage.engine=spark on a cluster whose default file system is not this machine's disk."
+            )
         files = sorted(str(p) for p in staging.glob("*.parquet"))
+        staged_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        self.last_staged_rows = staged_rows
 
         def gen() -> Iterator[pa.RecordBatch]:
-            if not files:
-                return
-            for batch in ds.dataset(files, format="parquet").to_batches(batch_size=65536):
-                # cast() enforces the declared types and non-null columns.
-                yield batch.select(target.names).cast(target)
+            seen = 0
+            if files:
+                for batch in ds.dataset(files, format="parquet").to_batches(batch_size=65536):
+                    seen += batch.num_rows
+                    # cast() enforces the declared types and non-null columns.
+                    yield batch.select(target.names).cast(target)
+            if seen != staged_rows:
+                raise StagedWriteError(
+                    f"read {seen} of the {staged_rows} rows staged at {staging}; nothing was committed")
 
         return pa.RecordBatchReader.from_batches(target, gen())
 

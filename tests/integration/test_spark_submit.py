@@ -52,8 +52,14 @@ def _submit(tmp_path: Path, *job_args: str, submit_args: tuple[str, ...] = ()
 
 
 def test_spark_submit_ingest_job_on_ml100k(tmp_path: Path) -> None:
-    proc, result = _submit(tmp_path)
+    proc, result = _submit(tmp_path, submit_args=(
+        "--conf", "spark.sql.shuffle.partitions=17", "--conf", "spark.sql.execution.arrow.maxRecordsPerBatch=4096"))
     assert proc.returncode == 0, proc.stderr[-5000:]
+    # the launcher's --conf values win over the laptop sizing (before: 4 and 2048)
+    assert result["spark"]["spark.sql.shuffle.partitions"] == "17"
+    assert result["spark"]["spark.sql.execution.arrow.maxRecordsPerBatch"] == "4096"
+    assert result["spark"]["spark.master"] == "local[2]"
+    assert result["spark"]["spark.sql.session.timeZone"] == "UTC"  # required settings are still set
     assert result["status"] == "success" and result["stage"] == "ingest"
     assert result["rows"]["items"] == 1682
     assert result["rows"]["interactions"] == 100_000
@@ -93,3 +99,4 @@ def test_spark_submit_with_the_wheel_shipped_in_py_files(tmp_path: Path) -> None
     proc, result = _submit(tmp_path, submit_args=("--py-files", str(wheel)))
     assert proc.returncode == 0 and result["status"] == "success", result
     assert result["rows"]["items"] == 1682
+

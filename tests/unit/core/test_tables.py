@@ -113,3 +113,26 @@ def test_empty_dataframe_creates_empty_table(spark, store) -> None:
     empty = spark.createDataFrame([], schemas.spark_schema(schemas.QUARANTINE))
     store.overwrite("quarantine", empty)
     assert store.version("quarantine") == 0 and store.count("quarantine") == 0
+
+
+def test_staged_write_the_driver_cannot_see_fails_and_commits_nothing(spark, store, monkeypatch) -> None:
+    # Where fs.defaultFS is not the driver's disk, Spark writes the staged Parquet elsewhere
+    # and the driver's staging directory stays empty. Before the fix that committed a new
+    # version with zero rows and reported success (silent data loss).
+    from hymirec_udfs.core.tables import DeltaRsStore, StagedWriteError
+
+    store.overwrite("items", _items(spark, [("1", "a"), ("2", "b")]))
+    real_stage = DeltaRsStore._stage
+
+    def stage_elsewhere(self, name, df):
+        written = real_stage(self, name, df)  # Spark's files land here ...
+        invisible = written.parent / f"{written.name}-driver-view"
+        invisible.mkdir()  # ... while the driver looks here
+        return invisible
+
+    monkeypatch.setattr(DeltaRsStore, "_stage", stage_elsewhere)
+    with pytest.raises(StagedWriteError, match=r"no _SUCCESS marker.*fs\.defaultFS=.*nothing was committed"):
+        store.overwrite("items", _items(spark, [("3", "c")]))
+    assert store.version("items") == 0
+    assert sorted(r.item_id for r in store.read("items").collect()) == ["1", "2"]
+

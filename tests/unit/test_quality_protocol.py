@@ -1,0 +1,70 @@
+"""The quality protocol's statistics (unit) and its quick run end to end (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_metrics_from_ranks_by_hand() -> None:
+    hit, ndcg = _quality().metrics_from_ranks(np.array([1, 3, 11, 0]), k=10)
+    assert hit.tolist() == [1.0, 1.0, 0.0, 0.0]  # rank 0: target absent, a miss
+    assert ndcg.tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+def test_paired_bootstrap_interval_covers_the_true_gap_and_is_reproducible() -> None:
+    q = _quality()
+    rng = np.random.default_rng(1)
+    a = rng.binomial(1, 0.30, 2000).astype(float)
+    b = np.where(rng.random(2000) < 0.9, a, 1 - a)  # paired: mostly the same users hit
+    low, high = q.paired_bootstrap_ci(a, b)
+    assert low <= (a - b).mean() <= high
+    assert (low, high) == q.paired_bootstrap_ci(a, b)
+    assert q.paired_bootstrap_ci(a, a) == (0.0, 0.0)
+    assert all(math.isnan(x) for x in q.paired_bootstrap_ci(np.array([]), np.array([])))
+
+
+def test_summary_slices_and_mismatched_users_fail() -> None:
+    q = _quality()
+    run = lambda ranks: {"user_ids": ["u1", "u2", "u3"], "target_ids": ["cold", "hot", "hot"], "ranks": ranks}
+    runs = {"hymirec": {0: run([1, 50, 2]), 1: run([2, 60, 3])}, "sasrec": {0: run([30, 1, 1]), 1: run([40, 1, 1])}}
+    summary = q.summarise(runs, {"cold": 1, "hot": 500}, [0, 1])
+    assert summary["hymirec_r10_mean"] == pytest.approx(2 / 3)
+    assert summary["cold_users"] == 1 and summary["cold_hymirec_r10_mean"] == 1.0 and summary["cold_sasrec_r10_mean"] == 0.0
+    assert summary["cold_hymirec_minus_sasrec_r10_ci"] == [1.0, 1.0]
+    runs["sasrec"][1] = {**run([1, 1, 1]), "user_ids": ["u1", "u2", "u9"]}
+    with pytest.raises(ValueError, match="other test users"):
+        q.summarise(runs, {}, [0, 1])
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_quick_protocol_writes_the_summary(spark, tmp_path: Path) -> None:
+    summary = _quality().main(["--quick", "--models", "hymirec,sasrec", "--out", str(tmp_path),
+                               "--work", str(tmp_path / "work")])
+    written = json.loads((tmp_path / "quality.json").read_text())
+    assert written["seeds"] == [0, 1] and written == json.loads(json.dumps(summary, sort_keys=True))
+    for key in ("hymirec_r10_mean", "hymirec_r10_std", "sasrec_n10_mean", "cold_hymirec_r10_mean"):
+        assert 0.0 <= written[key] <= 1.0 or math.isnan(written[key])
+    low, high = written["hymirec_minus_sasrec_r10_ci"]
+    assert -1.0 <= low <= high <= 1.0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "hymirec-seed0.json", "hymirec-seed1.json", "sasrec-seed0.json", "sasrec-seed1.json"]
+    # resumable: a second call reads the result files back instead of training
+    again = _quality().main(["--quick", "--models", "hymirec,sasrec", "--out", str(tmp_path),
+                             "--work", str(tmp_path / "work")])
+    assert again["hymirec_r10_mean"] == written["hymirec_r10_mean"]

@@ -10,8 +10,11 @@ Usage::
     hymirec report                 (latest evaluation metrics and report path)
     hymirec ablations              (HyMiRec and every ablation switch, paper Table 4 shape)
 
-Every command ends with one machine-readable line ``HYMIREC_RESULT {json}`` and exits 0
-only on success.
+Every command, on success and on any error, ends with one machine-readable line
+``HYMIREC_RESULT {json}`` (``status``; ``error`` when failed). Exit codes: 0 success,
+1 a stage failed, 2 bad configuration or arguments (unknown key, unknown stage), 3 any
+other error (its traceback on stderr). ``--log-level`` sets the progress log on stderr;
+``--version`` prints the package version.
 """
 
 from __future__ import annotations
@@ -40,11 +43,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override one config key (e.g. train.epochs=2); repeatable, applied last")
     parser.add_argument("--conf-dir", default=None, help="directory of base.yaml and the profiles")
     parser.add_argument("--run-date", default=None, help="logical run date (e.g. Airflow's {{ ds }}), recorded as a tag")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="level of the progress log on stderr (default INFO)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="hymirec", description="HyMiRec batch ETL on Spark")
+    from hymirec_udfs import __version__
+
+    parser.add_argument("--version", action="version", version=f"hymirec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in stage_commands():
         stage = sub.add_parser(name, help=f"run the {name} stage")
@@ -79,20 +87,57 @@ def _result(payload: dict[str, Any]) -> None:
     print("HYMIREC_RESULT " + json.dumps(payload, default=str, sort_keys=True), flush=True)
 
 
+#: Exit codes: success, a stage failed, bad configuration or arguments, any other error.
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; returns the process exit code."""
+    """Run the CLI; returns the process exit code (:data:`EXIT_OK` ... :data:`EXIT_ERROR`).
+
+    Every command, on success and on any error, ends with one ``HYMIREC_RESULT {json}``
+    line on stdout (``status`` and, when failed, ``error``); tracebacks of unexpected errors
+    go to stderr above it.
+    """
     args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    command = args.command + (f" {args.action}" if getattr(args, "action", None) else "")
     t0 = time.perf_counter()
     try:
         cfg = load_config(_profiles(args), args.overrides, args.conf_dir)
-    except ConfigError as exc:
-        print(f"hymirec: configuration error: {exc}", file=sys.stderr)
-        _result({"command": args.command, "status": "failed", "error": str(exc)})
-        return 2
+        if args.command == "pipeline":
+            from hymirec_udfs.pipeline import stage_by_cli
 
+            for name in (args.from_stage, args.to_stage):
+                if name:
+                    stage_by_cli(name)  # an unknown stage fails before a session starts
+    except (ConfigError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"hymirec: {'configuration' if isinstance(exc, ConfigError) else 'usage'} error: {message}",
+              file=sys.stderr)
+        _result({"command": command, "status": "failed", "error": str(message)})
+        return EXIT_USAGE
+    try:
+        return _run(args, cfg, command, t0)
+    except Exception as exc:  # noqa: BLE001 - reported on the result line, then the exit code
+        import traceback
+
+        traceback.print_exc()
+        _result({"command": command, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        return EXIT_ERROR
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run(args: argparse.Namespace, cfg: Any, command: str, t0: float) -> int:
     if args.command == "config":
         print(dump_config(cfg))
-        return 0
+        _result({"command": command, "status": "success", "profile": cfg.profile})
+        return EXIT_OK
 
     from hymirec_udfs.core.spark import get_spark
     from hymirec_udfs.core.stage_api import StageFailed
@@ -107,35 +152,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             store = get_table_store(spark, cfg)
             print(f"{'table':<18} {'version':>8} {'rows':>12}  location   (engine: {store.engine})")
+            tables = {}
             for info in store.list_tables():
                 version = "-" if info.version is None else str(info.version)
                 rows = "-" if info.rows is None else f"{info.rows:,}"
                 print(f"{info.name:<18} {version:>8} {rows:>12}  {info.location}")
-            return 0
+                tables[info.name] = {"version": info.version, "rows": info.rows}
+            _result({"command": command, "status": "success", "engine": store.engine, "tables": tables})
+            return EXIT_OK
         if args.command == "report":
             from hymirec_udfs.evaluation.report import print_latest
 
             print(print_latest(spark, cfg))
-            return 0
+            _result({"command": command, "status": "success"})
+            return EXIT_OK
         if getattr(args, "variants", ""):
             os.environ["HYMIREC_ABLATION_VARIANTS"] = args.variants
         if args.command == "pipeline":
             jobs = run_pipeline(spark, cfg, from_stage=args.from_stage, to_stage=args.to_stage, force=args.force)
             print(pipeline_summary(jobs, time.perf_counter() - t0))
-            _result({"command": "pipeline run", "status": "success",
+            _result({"command": command, "status": "success",
                      "stages": {j.stage: ("skipped" if j.skipped else j.status) for j in jobs},
-                     "wall_s": round(time.perf_counter() - t0, 1)})
-            return 0
+                     "wall_s": round(time.perf_counter() - t0, 1), "spark": spark_settings(spark)})
+            return EXIT_OK
         job = run_stage(spark, cfg, args.command)
         print(job_summary(job))
-        _result({"command": args.command, "stage": job.stage, "status": job.status, "run_id": job.run_id,
+        _result({"command": command, "stage": job.stage, "status": job.status, "run_id": job.run_id,
                  "mlflow_run_id": job.mlflow_run_id, "rows": job.row_counts, "outputs": job.output_versions,
                  "wall_s": round(job.wall_s, 1), "spark": spark_settings(spark)})
-        return 0
+        return EXIT_OK
     except StageFailed as exc:
         print(f"hymirec: {exc}", file=sys.stderr)
-        _result({"command": args.command, "status": "failed", "stage": exc.stage, "error": str(exc.error)})
-        return 1
+        _result({"command": command, "status": "failed", "stage": exc.stage, "error": str(exc.error)})
+        return EXIT_STAGE_FAILED
 
 
 # Settings an operator checks first when a scheduled job misbehaves (reported per run).

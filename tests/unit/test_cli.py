@@ -1,0 +1,48 @@
+"""The CLI contract: one HYMIREC_RESULT line on success and on every error, documented exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hymirec_udfs import __version__
+from hymirec_udfs.cli import EXIT_OK, EXIT_USAGE, main
+
+
+def _result(out: str) -> dict:
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("HYMIREC_RESULT "), out[-2000:]
+    return json.loads(last[len("HYMIREC_RESULT "):])
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hymirec {__version__}"
+
+
+def test_config_show_ends_with_a_result_line(capsys, tmp_path) -> None:
+    assert main(["config", "show", "--set", f"paths.work_dir={tmp_path}", "--set", "train.epochs=3"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out
+    assert _result(out) == {"command": "config show", "status": "success", "profile": "base"}
+
+
+def test_unknown_config_key_is_a_usage_error_with_a_result_line(capsys) -> None:
+    assert main(["config", "show", "--set", "train.bogus=1"]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    result = _result(captured.out)
+    assert result["status"] == "failed" and "bogus" in result["error"]
+    assert "configuration error" in captured.err
+
+
+def test_unknown_pipeline_stage_fails_cleanly_before_spark(capsys) -> None:
+    # before: a KeyError traceback from inside run_pipeline, no result line
+    assert main(["pipeline", "run", "--from", "bogus"]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    result = _result(captured.out)
+    assert result == {"command": "pipeline run", "status": "failed", "error": result["error"]}
+    assert "unknown stage 'bogus'" in result["error"]
+    assert "Traceback" not in captured.err

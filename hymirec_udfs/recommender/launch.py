@@ -9,6 +9,7 @@ and started again with the same inputs resumes from its last checkpoint. Used by
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,9 +113,14 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
         model = load_trained_model(checkpoint)
         # Pickle format: the model takes index tensors, so there is no array example to
         # trace a pt2 graph from; requirements are given so MLflow does not re-import it.
+        options: dict[str, Any] = {}
+        if "serialization_format" in inspect.signature(mlflow.pytorch.log_model).parameters:
+            # MLflow >= 3.? defaults to a pt2 export; MLflow 3.0.x (Databricks ML runtimes,
+            # setup.py admits it) has no such keyword and pickles anyway.
+            options["serialization_format"] = "pickle"
         mlflow.pytorch.log_model(
-            model, name=f"{prefix.strip('.')}_model" if prefix else "model", serialization_format="pickle",
-            pip_requirements=["torch", "transformers", "hymirec"],
+            model, name=f"{prefix.strip('.')}_model" if prefix else "model",
+            pip_requirements=["torch", "transformers", "hymirec"], **options,
         )
         ctx.logger.artifact(checkpoint, f"{prefix}checkpoint")
         ctx.logger.artifact(str(Path(checkpoint).parent / "item_store.npz"), f"{prefix}checkpoint")

@@ -247,6 +247,16 @@ def test_bundle_targets_set_catalog_schema_and_experiment() -> None:
     assert set(re.findall(r"\$\{var\.(\w+)\}", text)) <= set(variables)
 
 
+
+def test_every_bundle_run_command_in_the_docs_names_a_job_of_the_bundle() -> None:
+    # the README used to run `hymirec_pipeline`, a job the bundle does not define
+    jobs = set(yaml.safe_load((BUNDLE / "resources" / "hymirec_job.yml").read_text())["resources"]["jobs"])
+    for path in (REPO / "README.md", BUNDLE / "databricks.yml"):
+        named = re.findall(r"databricks bundle run(?: -t \w+)? (\w+)", path.read_text())
+        assert named, f"{path} documents no bundle run"
+        assert set(named) <= jobs, f"{path} runs {set(named) - jobs}, the bundle defines {jobs}"
+
+
 # --------------------------------------------------------------------------- Airflow
 
 # Runs inside the Airflow venv: load the DAG folder with DagBag, render the templated

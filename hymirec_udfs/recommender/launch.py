@@ -115,8 +115,8 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
         # trace a pt2 graph from; requirements are given so MLflow does not re-import it.
         options: dict[str, Any] = {}
         if "serialization_format" in inspect.signature(mlflow.pytorch.log_model).parameters:
-            # MLflow >= 3.? defaults to a pt2 export; MLflow 3.0.x (Databricks ML runtimes,
-            # setup.py admits it) has no such keyword and pickles anyway.
+            # Newer MLflow exports pt2 by default, which needs array inputs to trace; MLflow
+            # 3.0.x (Databricks ML runtimes; setup.py admits it) lacks the keyword and pickles.
             options["serialization_format"] = "pickle"
         mlflow.pytorch.log_model(
             model, name=f"{prefix.strip('.')}_model" if prefix else "model",

@@ -46,7 +46,7 @@ COLD_MAX = 5
 TAIL_MAX = 20
 
 # The full protocol: the local profile's model sizes, trained to convergence.
-FULL = ["train.epochs=30", "train.early_stopping_patience=3"]
+FULL = ["train.epochs=20", "train.early_stopping_patience=3"]
 QUICK = [
     "ingest.source=synthetic", "synthetic.n_items=120", "synthetic.n_users=60", "synthetic.mean_history=14",
     "embed.max_tokens=32", "codebook.ks=[8, 8]", "codebook.iters=5",

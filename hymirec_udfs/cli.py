@@ -127,10 +127,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _configure_logging(level: str) -> None:
+    """The package's progress log at ``level`` on stderr; other libraries' at WARNING."""
     import logging
 
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hymirec_udfs").setLevel(getattr(logging, level.upper()))
 
 
 def _run(args: argparse.Namespace, cfg: Any, command: str, t0: float) -> int:

@@ -15,12 +15,72 @@ from typing import TYPE_CHECKING, Any, Optional
 from hymirec_udfs.core.config import Config
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
 
-    pass
+    from hymirec_udfs.core.config import TrainConfig
 
 
 class DistributedRunError(RuntimeError):
     """A TorchDistributor rank failed; the message carries each failing rank's error."""
+
+
+class NotEnoughSlotsError(RuntimeError):
+    """More training processes were asked for than the cluster can run at once."""
+
+
+def training_slots(*, local_mode: bool, use_gpu: bool, driver_gpus: int, executors: int, executor_cores: int,
+                   task_cpus: float, executor_gpus: float, task_gpus: float) -> Optional[int]:
+    """How many TorchDistributor processes can run at once (None: no limit to check).
+
+    A barrier stage needs every process scheduled together: on executors that is one task
+    slot each (``executor cores / spark.task.cpus``, or ``executor GPUs /
+    spark.task.resource.gpu.amount`` with GPUs); in local mode the processes run on the
+    driver, which limits only GPUs.
+    """
+    if local_mode:
+        return driver_gpus if use_gpu else None
+    if use_gpu:
+        if task_gpus <= 0:
+            return 0
+        return executors * int(executor_gpus // task_gpus)
+    return executors * int(executor_cores // max(task_cpus, 1.0))
+
+
+def check_slots(spark: "SparkSession", train_cfg: "TrainConfig") -> None:
+    """Fail before training starts when ``train.num_processes`` cannot all run at once.
+
+    Raises:
+        NotEnoughSlotsError: naming the requested and available numbers and the settings
+            to change (TorchDistributor would otherwise wait, then fail after its retries).
+    """
+    sc = spark.sparkContext
+    conf = sc.getConf()
+    master = sc.master or ""
+    if master.startswith("local"):
+        executors, cores = 1, sc.defaultParallelism
+    else:
+        executors = max(1, sc._jsc.sc().getExecutorMemoryStatus().size() - 1)  # minus the driver
+        cores = int(conf.get("spark.executor.cores", str(max(1, sc.defaultParallelism // executors))))
+    driver_gpus = 0
+    if train_cfg.use_gpu and train_cfg.local_mode:
+        import torch
+
+        driver_gpus = torch.cuda.device_count()
+    available = training_slots(
+        local_mode=train_cfg.local_mode, use_gpu=train_cfg.use_gpu, driver_gpus=driver_gpus, executors=executors,
+        executor_cores=cores, task_cpus=float(conf.get("spark.task.cpus", "1")),
+        executor_gpus=float(conf.get("spark.executor.resource.gpu.amount", "0")),
+        task_gpus=float(conf.get("spark.task.resource.gpu.amount", "0")))
+    if available is None or train_cfg.num_processes <= available:
+        return
+    where = ("GPUs on the driver (local_mode)" if train_cfg.local_mode else
+             "concurrent GPU task slots (spark.executor/task.resource.gpu.amount)" if train_cfg.use_gpu else
+             "concurrent task slots (executor cores / spark.task.cpus)")
+    raise NotEnoughSlotsError(
+        f"train.num_processes={train_cfg.num_processes} but the session has {available} {where} on {executors} "
+        f"executor(s) (master {master}): lower train.num_processes, or add executors/GPUs"
+        + ("; set spark.task.resource.gpu.amount" if train_cfg.use_gpu and not train_cfg.local_mode
+           and available == 0 else ""))
 
 
 def _entry(target: str, kwargs: dict[str, Any], result_path: str) -> Optional[dict[str, Any]]:
@@ -50,10 +110,15 @@ def run_distributed(target: str, kwargs: dict[str, Any], run_dir: Path, cfg: Con
         Rank 0's result (a JSON-serialisable dict).
 
     Raises:
+        NotEnoughSlotsError: more processes than the session can run at once.
         DistributedRunError: a rank raised; the message names the rank and its error.
     """
     from pyspark.ml.torch.distributor import TorchDistributor
+    from pyspark.sql import SparkSession
 
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        check_slots(active, cfg.train)
     result_path = run_dir / "result.json"
     for stale in run_dir.glob("result.json*"):
         stale.unlink()

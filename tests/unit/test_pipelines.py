@@ -239,8 +239,10 @@ def test_bundle_targets_set_catalog_schema_and_experiment() -> None:
     assert root["targets"]["dev"]["mode"] == "development" and root["targets"]["prod"]["mode"] == "production"
     assert root["targets"]["dev"]["variables"]["schema"] != root["targets"]["prod"]["variables"]["schema"]
     overrides = next(p["default"] for p in job["parameters"] if p["name"] == "set")
+    # one training process per GPU worker of the target (dev has 1, prod 4): a fixed 4 could
+    # not get its barrier slots on dev's cluster
     for key, var in (("storage.catalog", "catalog"), ("storage.schema", "schema"),
-                     ("tracking.experiment", "experiment_path")):
+                     ("tracking.experiment", "experiment_path"), ("train.num_processes", "gpu_workers")):
         assert f"{key}=${{var.{var}}}" in overrides.split(";")
     # Every ${var.x} used anywhere is declared.
     text = (BUNDLE / "databricks.yml").read_text() + (BUNDLE / "resources" / "hymirec_job.yml").read_text()

@@ -180,14 +180,15 @@ def run_one(spark: Any, profiles: list[str], sets: list[str], model: str, seed: 
 
 
 def training_popularity(spark: Any, cfg: Any) -> dict[str, int]:
-    """Training users per item: each user's distinct training items (the valid sample's history)."""
+    """Training users per item: each user's distinct items in the training part of the history."""
     from pyspark.sql import functions as F
 
     from hymirec_udfs.core import schemas
     from hymirec_udfs.core.tables import get_table_store
 
-    seqs = get_table_store(spark, cfg).read(schemas.SEQUENCES).where("split = 'valid'")
-    counts = seqs.select(F.explode("exclude_ids").alias("item")).groupBy("item").count().collect()
+    seqs = get_table_store(spark, cfg).read(schemas.SEQUENCES)
+    train_items = F.array_distinct(F.slice(schemas.ITEM_IDS, F.lit(1), F.col(schemas.TRAIN_END)))
+    counts = seqs.select(F.explode(train_items).alias("item")).groupBy("item").count().collect()
     return {r.item: int(r["count"]) for r in counts}
 
 

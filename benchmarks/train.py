@@ -12,12 +12,12 @@ What it measures, on a seeded synthetic catalog and sequences table shaped like 
   (random unit centroids, random valid codes and positive coefficients: throughput does
   not depend on the codebook's quality);
 - sequences: 943 users with ML-100K-like history lengths (20 + lognormal, median 66,
-  popularity-skewed items, no repeats per user), cut into samples by the pipeline's own
-  :func:`hymirec_udfs.sequences.samples.user_samples` with the ``local`` sequence settings
-  (leave-one-out, 20 recent items, long history up to 100, 4 targets, the 50 most recent
-  cut points per user): 39.9k training rows with a mean long history of 47.5 items
-  (ML-100K itself: 38,762 rows, 48.9 items), in 4 Parquet files with the ``sequences``
-  schema;
+  popularity-skewed items, no repeats per user), one ``sequences`` row per user
+  (:func:`hymirec_udfs.sequences.samples.user_row`), cut into samples by the loader with the
+  ``local`` sequence settings (leave-one-out, 20 recent items, long history up to 100, 4
+  targets, the 50 most recent cut points per user): 39.9k training samples with a mean
+  long history of 47.5 items (ML-100K itself: 38,762 samples, 48.9 items), in 4 Parquet
+  files with the ``sequences`` schema;
 - model / DMIL / train settings of the ``local`` profile (HyMiRec, batch 128 per rank),
   with ``epochs=1``, a fixed ``max_steps``, no validation and no periodic checkpoints.
 
@@ -69,7 +69,8 @@ from hymirec_udfs.core import schemas  # noqa: E402
 from hymirec_udfs.core.config import load_config  # noqa: E402
 from hymirec_udfs.recommender.models import TINYLLAMA_1_1B_SIZES  # noqa: E402
 from hymirec_udfs.recommender.item_store import ItemStore  # noqa: E402
-from hymirec_udfs.sequences.samples import user_samples  # noqa: E402
+from hymirec_udfs.core.shards import user_shards  # noqa: E402
+from hymirec_udfs.sequences.samples import cut_samples, user_row  # noqa: E402
 from hymirec_udfs.recommender.train import train_local_processes  # noqa: E402
 
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "train.json"
@@ -110,9 +111,14 @@ def write_sequences(directory: Path, seq_cfg: Any, seed: int = 0) -> tuple[list[
     popularity /= popularity.sum()
     item_perm = rng.permutation(N_ITEMS) + 1  # which item id is how popular
     rows: list[dict] = []
+    samples: list[dict] = []
     for u, length in enumerate(lengths):
         items = [str(i) for i in item_perm[rng.choice(N_ITEMS, int(length), replace=False, p=popularity)]]
-        rows.extend(user_samples(str(u + 1), items, list(range(int(length))), seq_cfg))
+        row = user_row(str(u + 1), items, list(range(int(length))), list(range(int(length))), seq_cfg)
+        if row is not None:
+            row["shard"] = int(user_shards([row["user_id"]])[0])
+            rows.append(row)
+            samples.extend(cut_samples(row, seq_cfg, ("train",)))
     schema = schemas.arrow_schema(schemas.SEQUENCES)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -120,14 +126,13 @@ def write_sequences(directory: Path, seq_cfg: Any, seed: int = 0) -> tuple[list[
         path = directory / f"part-{p:05d}.parquet"
         pq.write_table(pa.Table.from_pylist(rows[p::N_FILES], schema=schema), path)
         paths.append(str(path))
-    train_rows = [r for r in rows if r["split"] == "train"]
     stats = {
         "users": N_USERS,
         "history_len_median": float(np.median(lengths)),
         "history_len_mean": float(lengths.mean()),
         "rows": len(rows),
-        "train_samples": len(train_rows),
-        "long_len_mean_train": float(np.mean([len(r["long_ids"]) for r in train_rows])),
+        "train_samples": len(samples),
+        "long_len_mean_train": float(np.mean([len(r["long_ids"]) for r in samples])),
     }
     return paths, stats
 
@@ -184,7 +189,9 @@ def gpu_bench(store: ItemStore, files: list[str], steps: int, warmup: int = 3) -
     model.train()
     llm_params = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
     optimizer = build_optimizer(model, tcfg)
-    ds = SequenceDataset(files, store, split="train", max_long=seq.max_long, recent_window=seq.recent_window)
+    ds = SequenceDataset(files, store, split="train", max_long=seq.max_long, recent_window=seq.recent_window,
+                         window_targets=seq.window_targets, stride=seq.stride,
+                         max_samples_per_user=seq.max_samples_per_user)
     bsz = tcfg.batch_size
     batches = epoch_batches(ds.long_lengths, bsz, np.random.default_rng(0), tcfg.bucket_batches)
     gen = torch.Generator().manual_seed(0)
@@ -263,7 +270,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             model_type="hymirec", model_cfg=cfg.model, dmil_cfg=cfg.dmil, train_cfg=train_cfg,
             item_store_path=store_path, train_files=files, valid_files=(),
             max_long=cfg.sequences.max_long, recent_window=cfg.sequences.recent_window,
-            bucket_batches=cfg.train.bucket_batches,
+            window_targets=cfg.sequences.window_targets, stride=cfg.sequences.stride,
+            max_samples_per_user=cfg.sequences.max_samples_per_user, bucket_batches=cfg.train.bucket_batches,
         )
         runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
         for r in range(repeats):  # interleaved so drifting load hits both alike

@@ -37,6 +37,12 @@ CONTENT_HASH = "content_hash"
 # Position of an interaction in its source (file line order; see ingest.sources); breaks
 # ties in time everywhere, so no id order leaks into the sequences.
 SOURCE_ORDER = "source_order"
+# sequences: one row per user
+ITEM_IDS = "item_ids"
+TIMESTAMPS = "timestamps"
+SOURCE_ORDERS = "source_orders"
+TRAIN_END = "train_end"
+VALID_END = "valid_end"
 _TS = pa.timestamp("us", tz="UTC")
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     ITEMS: pa.schema(
@@ -106,12 +112,13 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     SEQUENCES: pa.schema(
         [
             pa.field(USER_ID, pa.string(), nullable=False),
-            pa.field("split", pa.string(), nullable=False),
-            pa.field("cut", pa.int32(), nullable=False),
-            pa.field("long_ids", pa.list_(pa.string()), nullable=False),
-            pa.field("recent_ids", pa.list_(pa.string()), nullable=False),
-            pa.field("target_ids", pa.list_(pa.string()), nullable=False),
-            pa.field("exclude_ids", pa.list_(pa.string()), nullable=False),
+            # the whole time-ordered history (ties by source order) and its split boundaries;
+            # training samples are cut from it by the loader (hymirec_udfs.sequences.samples)
+            pa.field(ITEM_IDS, pa.list_(pa.string()), nullable=False),
+            pa.field(TIMESTAMPS, pa.list_(pa.int64()), nullable=False),
+            pa.field(SOURCE_ORDERS, pa.list_(pa.int64()), nullable=False),
+            pa.field(TRAIN_END, pa.int32(), nullable=False),
+            pa.field(VALID_END, pa.int32(), nullable=False),
             # the user's rank shard (hymirec_udfs.core.shards.user_shards)
             pa.field("shard", pa.int32(), nullable=False),
         ]

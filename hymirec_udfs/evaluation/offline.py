@@ -17,6 +17,7 @@ import numpy as np
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.stage_api import StageContext
+from hymirec_udfs.sequences.samples import eval_samples
 
 # Per-user metrics are summed in this type (exact addition: order-independent).
 EXACT_SUM_TYPE = "decimal(38,18)"
@@ -223,11 +224,12 @@ def evaluate_models(
     """Evaluate ``{name: (checkpoint, run_id)}`` on the configured splits; write both tables."""
     from pyspark.sql import functions as F
 
-    seqs = ctx.read(schemas.SEQUENCES).where(F.col("split").isin(list(cfg.evaluate.splits)))
-    if seqs.limit(1).count() == 0:
-        raise EvaluationError(f"table 'sequences' has no rows for splits {cfg.evaluate.splits}")
     parts = max(2, spark.sparkContext.defaultParallelism)
-    seqs = seqs.repartition(parts)
+    # one valid/test sample per user, cut from the user rows in Spark, cached: every model
+    # scores the same samples
+    seqs = eval_samples(ctx.read(schemas.SEQUENCES), cfg.sequences, cfg.evaluate.splits).repartition(parts).cache()
+    if seqs.limit(1).count() == 0:
+        raise EvaluationError(f"table 'sequences' has no samples for splits {cfg.evaluate.splits}")
     per_user = None
     for name, (checkpoint, run_id) in models.items():
         df = evaluate_checkpoint(seqs, checkpoint, model_name=name, run_id=run_id, cfg=cfg)

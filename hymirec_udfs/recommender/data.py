@@ -1,16 +1,15 @@
-"""Stage-2 data: the ``sequences`` files read per rank, padded into batches.
+"""Stage-2 data: the ``sequences`` user rows read per rank, cut into samples, padded into batches.
 
 Each rank reads the rows of its users (a hash of the user id picks the rank, see
-:func:`hymirec_udfs.core.shards.read_rank_share`) in (user, cut) order, so shards and
-batches do not depend on the files or the row order Spark wrote. Ranks run the same number
+:func:`hymirec_udfs.core.shards.read_rank_share`) in user order and cuts the samples itself,
+so shards and batches do not depend on the files or the row order Spark wrote. Ranks run the same number
 of steps per epoch (the smallest share decides) so DDP collectives always pair up.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import SequencesConfig
 from hymirec_udfs.core.shards import read_rank_share
 from hymirec_udfs.recommender.item_store import ItemStore
+from hymirec_udfs.sequences.samples import SPLITS
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -27,13 +27,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Sequences table columns (the contract with the build_sequences stage).
 COL_USER = schemas.USER_ID
-COL_SPLIT = "split"
-COL_CUT = "cut"
-COL_LONG = "long_ids"
-COL_RECENT = "recent_ids"
-COL_TARGET = "target_ids"
-COL_EXCLUDE = "exclude_ids"
-_SPLIT_DIR = re.compile(r"(?:^|[/\\])split=([^/\\]+)")
+COL_ITEMS = schemas.ITEM_IDS
+COL_TRAIN_END = schemas.TRAIN_END
+COL_VALID_END = schemas.VALID_END
 
 
 @dataclass
@@ -104,44 +100,31 @@ class _Ragged:
 
 
 
-def _split_from_path(path: str) -> Optional[str]:
-    # Delta/Hive partitioning stores the partition value in the path, not in the file.
-    match = _SPLIT_DIR.findall(path)
-    return match[-1] if match else None
-
-
-def _split_filter(split: str) -> Callable[[Any, str], Any]:
-    """Row mask of one split: the ``split`` column, or the ``split=`` directory of the file."""
-
-    def mask(table: Any, path: str) -> Any:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        if COL_SPLIT in table.column_names:
-            return pc.equal(table.column(COL_SPLIT), split)
-        return pa.array(np.full(table.num_rows, _split_from_path(path) in (None, split)))
-
-    return mask
-
-
 class SequenceDataset:
-    """Samples of the ``sequences`` table mapped to catalog indices.
+    """Samples cut on the fly from the ``sequences`` user rows, as catalog indices.
 
-    Ids are looked up in the item store once at load time (in Arrow, without Python
-    strings); an id with no embedding/code raises a KeyError naming the file, the column,
-    the users and the ids.
+    Each rank keeps its users' histories once (one int32 per interaction) and, per
+    sample, only (user, cut point, target end): the long history, recent window and
+    targets are slices of the history taken in :meth:`collate`. Memory per rank is
+    O(interactions of its users) -- at 10M users x 1,000 items over 8 ranks about 5 GB of
+    int32 per rank, against the O(T x min(T, max_long)) per-cut rows this replaced. Ids are
+    looked up in the item store once at load time (in Arrow, without Python strings); an id
+    with no embedding/code raises a KeyError naming the column, the users and the ids.
 
     Args:
-        files: Parquet files (the rank's share is selected here).
+        files: Parquet files of ``sequences`` (the rank's users are selected here).
         item_store: catalog.
-        split: keep rows of this split (``train``, ``valid``, ``test``); files whose
-            ``split=`` partition directory names another split are skipped; None keeps
-            everything.
+        split: ``train`` (every ``stride``-th cut of the training part, the most recent
+            ``max_samples_per_user``), ``valid`` or ``test`` (one sample per user with a
+            target); None: all of them.
         max_long: long history kept (most recent items).
         recent_window: recent items kept.
+        window_targets: next training items used as targets of a training cut.
+        stride: distance between training cut points.
+        max_samples_per_user: cap on training cuts per user (0: no cap).
         rank: this rank.
         world_size: number of ranks.
-        with_exclude: also load ``exclude_ids`` (evaluation).
+        with_exclude: also collate ``exclude_idx`` (the distinct history; evaluation).
     """
 
     def __init__(
@@ -152,47 +135,59 @@ class SequenceDataset:
         split: Optional[str] = "train",
         max_long: int = SequencesConfig.max_long,
         recent_window: int = SequencesConfig.recent_window,
+        window_targets: int = SequencesConfig.window_targets,
+        stride: int = SequencesConfig.stride,
+        max_samples_per_user: int = SequencesConfig.max_samples_per_user,
         rank: int = 0,
         world_size: int = 1,
         with_exclude: bool = False,
     ) -> None:
         import pyarrow as pa
 
-        if max_long < 0 or recent_window < 1:
-            raise ValueError(f"need max_long >= 0 and recent_window >= 1, got {max_long}, {recent_window}")
+        if max_long < 0 or recent_window < 1 or window_targets < 1 or stride < 1:
+            raise ValueError(f"need max_long >= 0, recent_window >= 1, window_targets >= 1 and stride >= 1, got "
+                             f"{max_long}, {recent_window}, {window_targets}, {stride}")
+        if split not in (None, *SPLITS):
+            raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
         self.item_store = item_store
         self.max_long = max_long
         self.recent_window = recent_window
         self.with_exclude = with_exclude
         self.files = list(files)
-        wanted = [COL_LONG, COL_RECENT, COL_TARGET] + ([COL_EXCLUDE] if with_exclude else [])
-        # The rank's users and the row order come from the user ids and cut points alone
-        # (never from the files or the row order Spark wrote), so a rebuilt table trains
-        # the same model.
-        table = read_rank_share(
-            self.files, [COL_USER, *wanted], rank=rank, world_size=world_size, user_col=COL_USER,
-            sort_by=[COL_USER, COL_CUT], row_filter=None if split is None else _split_filter(split),
-            filter_columns=[COL_SPLIT],
-        )
-        users: list[np.ndarray] = []
-        cols: dict[str, list[_Ragged]] = {COL_LONG: [], COL_RECENT: [], COL_TARGET: [], COL_EXCLUDE: []}
-        if table.num_rows:
-            user_col = np.asarray(table.column(COL_USER).cast(pa.string()).to_pylist(), dtype=object)
-            users.append(user_col)
-            where = f"{len(self.files)} sequences file(s), e.g. {self.files[0]}"
-            for name in wanted:
-                cols[name].append(self._index_column(table.column(name), name, user_col, where))
-        self.user_ids = np.concatenate(users) if users else np.zeros(0, dtype=object)
-        self.long = _Ragged.concat(cols[COL_LONG])
-        self.recent = _Ragged.concat(cols[COL_RECENT])
-        self.target = _Ragged.concat(cols[COL_TARGET])
-        self.exclude = _Ragged.concat(cols[COL_EXCLUDE]) if with_exclude else None
-        self.max_targets = int((self.target.ends - self.target.starts).max()) if len(self) else 0
+        # The rank's users and their order come from the user ids alone (never from the
+        # files or the row order Spark wrote), so a rebuilt table trains the same model.
+        table = read_rank_share(self.files, [COL_USER, COL_ITEMS, COL_TRAIN_END, COL_VALID_END], rank=rank,
+                                world_size=world_size, user_col=COL_USER, sort_by=[COL_USER])
+        users = np.asarray(table.column(COL_USER).cast(pa.string()).to_pylist(), dtype=object)
+        where = f"{len(self.files)} sequences file(s), e.g. {self.files[0] if self.files else '-'}"
+        self.history = (self._index_column(table.column(COL_ITEMS), COL_ITEMS, users, where) if len(users)
+                        else _Ragged(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        train_end = np.asarray(table.column(COL_TRAIN_END), dtype=np.int64)
+        valid_end = np.asarray(table.column(COL_VALID_END), dtype=np.int64)
+        length = self.history.ends - self.history.starts
+        owner, cut, end = [], [], []
+        wanted = SPLITS if split is None else (split,)
+        for u in range(len(users)):
+            if "train" in wanted:
+                cuts = range(1, int(train_end[u]), stride)
+                if max_samples_per_user and len(cuts) > max_samples_per_user:
+                    cuts = cuts[-max_samples_per_user:]  # the most recent cut points
+                for c in cuts:
+                    owner.append(u), cut.append(c), end.append(min(c + window_targets, int(train_end[u])))
+            if "valid" in wanted and valid_end[u] > train_end[u]:
+                owner.append(u), cut.append(int(train_end[u])), end.append(int(train_end[u]) + 1)
+            if "test" in wanted and length[u] > valid_end[u]:
+                owner.append(u), cut.append(int(valid_end[u])), end.append(int(valid_end[u]) + 1)
+        self.owner = np.asarray(owner, dtype=np.int64)
+        self.cut = np.asarray(cut, dtype=np.int64)
+        self.target_end = np.asarray(end, dtype=np.int64)
+        self.user_ids = users[self.owner] if len(self.owner) else np.zeros(0, dtype=object)
+        self.max_targets = int((self.target_end - self.cut).max()) if len(self) else 0
 
     @property
     def long_lengths(self) -> np.ndarray:
         """Long-history length of every sample after truncation to ``max_long``."""
-        return np.minimum(self.long.ends - self.long.starts, self.max_long)
+        return np.minimum(np.maximum(self.cut - self.recent_window, 0), self.max_long)
 
     def _index_column(self, column: Any, name: str, users: np.ndarray, path: str) -> _Ragged:
         import pyarrow as pa
@@ -217,7 +212,16 @@ class SequenceDataset:
         return _Ragged(idx.astype(np.int32), starts, ends)
 
     def __len__(self) -> int:
-        return len(self.user_ids)
+        return len(self.owner)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(long, recent, targets) catalog indices of sample ``i``, oldest first."""
+        start = int(self.history.starts[self.owner[i]])
+        cut, end = start + int(self.cut[i]), start + int(self.target_end[i])
+        values = self.history.values
+        recent_start = max(start, cut - self.recent_window)
+        long_start = max(start, recent_start - self.max_long)
+        return values[long_start:recent_start], values[recent_start:cut], values[cut:end]
 
     def collate(self, rows: Sequence[int] | np.ndarray) -> Batch:
         """Collate samples into a left-padded batch.
@@ -230,9 +234,10 @@ class SequenceDataset:
         """
         rows = np.asarray(rows, dtype=np.int64)
         bsz = len(rows)
-        longs = [self.long.row(r, self.max_long) if self.max_long else self.long.values[:0] for r in rows]
-        recents = [self.recent.row(r, self.recent_window) for r in rows]
-        targets = [self.target.row(r) for r in rows]
+        parts = [self.sample(int(r)) for r in rows]
+        longs = [p[0] for p in parts] if self.max_long else [p[0][:0] for p in parts]
+        recents = [p[1] for p in parts]
+        targets = [p[2] for p in parts]
 
         def left_pad(seqs: list[np.ndarray], width: int) -> np.ndarray:
             out = np.zeros((bsz, width), dtype=np.int64)
@@ -247,10 +252,11 @@ class SequenceDataset:
         target = np.zeros((bsz, w), dtype=np.int64)
         for i, seq in enumerate(targets):
             target[i, : len(seq)] = seq  # targets are right-padded: t_1 is column 0
-        if self.exclude is not None:
+        if self.with_exclude:
             excl = []
             for i, r in enumerate(rows):
-                ex = np.unique(self.exclude.row(r))
+                start = int(self.history.starts[self.owner[r]])
+                ex = np.unique(self.history.values[start : start + int(self.cut[r])])
                 excl.append(ex[(ex != target[i, 0]) & (ex != 0)])
             exclude = left_pad(excl, max([len(x) for x in excl] + [0]))
         else:
@@ -266,7 +272,7 @@ class SequenceDataset:
         )
 
     def batches(self, batch_size: int, order: Optional[np.ndarray] = None) -> Iterator[Batch]:
-        """Consecutive batches over ``order`` (default: file order)."""
+        """Consecutive batches over ``order`` (default: sample order)."""
         order = np.arange(len(self)) if order is None else order
         for start in range(0, len(order), batch_size):
             yield self.collate(order[start : start + batch_size])

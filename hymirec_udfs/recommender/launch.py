@@ -36,12 +36,12 @@ def require_training_samples(ctx: StageContext) -> None:
     """Fail early, naming the table, when ``sequences`` has no training sample.
 
     Raises:
-        TrainStageError: no row of split ``train``.
+        TrainStageError: no user with a training cut (at least two training items).
     """
     from pyspark.sql import functions as F
 
     seqs = ctx.read(schemas.SEQUENCES)
-    if seqs.where(F.col("split") == "train").limit(1).count() == 0:
+    if seqs.where(F.col(schemas.TRAIN_END) > 1).limit(1).count() == 0:
         raise TrainStageError("table 'sequences' has no training samples: run build-sequences first")
 
 
@@ -81,6 +81,8 @@ def run_training(
         model_type=model_type, model_cfg=cfg.model, dmil_cfg=cfg.dmil, train_cfg=cfg.train,
         item_store_path=store_path, train_files=files, valid_files=files, checkpoint_dir=str(run_dir),
         metrics_path=metrics_path, max_long=cfg.sequences.max_long, recent_window=cfg.sequences.recent_window,
+        window_targets=cfg.sequences.window_targets, stride=cfg.sequences.stride,
+        max_samples_per_user=cfg.sequences.max_samples_per_user,
         chunk_items=cfg.evaluate.chunk_items, bucket_batches=cfg.train.bucket_batches,
     )
     ctx.logger.params({f"{prefix}model_type": model_type, f"{prefix}checkpoint_dir": str(run_dir),

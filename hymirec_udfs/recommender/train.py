@@ -215,6 +215,9 @@ def train(
     metrics_path: Optional[str] = None,
     max_long: int = SequencesConfig.max_long,
     recent_window: int = SequencesConfig.recent_window,
+    window_targets: int = SequencesConfig.window_targets,
+    stride: int = SequencesConfig.stride,
+    max_samples_per_user: int = SequencesConfig.max_samples_per_user,
     chunk_items: int = 65536,
     bucket_batches: int = 50,
 ) -> dict[str, Any]:
@@ -226,9 +229,9 @@ def train(
         dmil_cfg: DMIL section (default ``DmilConfig()``).
         train_cfg: training section (default ``TrainConfig()``).
         item_store_path: ``.npz`` written by :meth:`ItemStore.save`.
-        train_files: Parquet files of the ``sequences`` table (rows with split ``train``
-            are used; the rank reads its share).
-        valid_files: Parquet files holding the ``valid`` rows (may be the same files).
+        train_files: Parquet files of the ``sequences`` table (one row per user; the rank
+            reads its users' rows and cuts the training samples).
+        valid_files: Parquet files the validation samples are cut from (may be the same).
         checkpoint_dir: where ``last.pt`` / ``best.pt`` live; an existing ``last.pt`` is
             resumed (a finished run returns its summary without training). Rank 0 writes,
             every rank reads on resume: across nodes it must be shared storage (DBFS, a
@@ -236,6 +239,9 @@ def train(
         metrics_path: JSON-lines file rank 0 appends per-step and per-epoch metrics to.
         max_long: long-history items kept (model position table size).
         recent_window: recent items kept.
+        window_targets: next items used as targets of a training cut.
+        stride: distance between training cut points.
+        max_samples_per_user: cap on training cuts per user (0: none).
         chunk_items: catalog items per validation scoring matmul.
         bucket_batches: length-bucketing window in batches (see :func:`epoch_batches`);
             0 or 1 gives plain shuffled batches.
@@ -274,8 +280,9 @@ def train(
             model_type=model_type, model_cfg=model_cfg, dmil_cfg=dmil_cfg, train_cfg=train_cfg,
             item_store_path=item_store_path, train_files=list(train_files), valid_files=list(valid_files),
             checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, max_long=max_long,
-            recent_window=recent_window, chunk_items=chunk_items, bucket_batches=bucket_batches, rank=rank,
-            world=world, device=device,
+            recent_window=recent_window, window_targets=window_targets, stride=stride,
+            max_samples_per_user=max_samples_per_user, chunk_items=chunk_items, bucket_batches=bucket_batches,
+            rank=rank, world=world, device=device,
         )
 
 
@@ -292,6 +299,9 @@ def _train_loop(
     metrics_path: Optional[str],
     max_long: int,
     recent_window: int,
+    window_targets: int,
+    stride: int,
+    max_samples_per_user: int,
     chunk_items: int,
     bucket_batches: int,
     rank: int,
@@ -316,7 +326,8 @@ def _train_loop(
     neg_gen = torch.Generator().manual_seed(seed * 7919 + 17 + rank)
 
     train_ds = SequenceDataset(train_files, store, split="train", max_long=max_long, recent_window=recent_window,
-                               rank=rank, world_size=world)
+                               window_targets=window_targets, stride=stride,
+                               max_samples_per_user=max_samples_per_user, rank=rank, world_size=world)
     n_local = torch.tensor([len(train_ds), len(train_ds)], dtype=torch.long, device=device)
     n_min = all_reduce_(n_local[:1].clone(), dist.ReduceOp.MIN if distributed else None)
     n_total = all_reduce_(n_local[1:].clone())

@@ -1,15 +1,17 @@
-"""Stage ``build_sequences``: interactions -> train/valid/test samples.
+"""Stage ``build_sequences``: interactions -> one ``sequences`` row per user.
 
 Per user, interactions are ordered by time (ties broken by the source order assigned at
-ingest, so the order is deterministic and carries no item-id signal). Leave-one-out by
-default: the last item is the test target, the one before it the validation target,
-the rest is training data. Training samples are cut at points along the training prefix
-(every ``stride`` items); each carries the recent window (last ``n`` items before the cut), the long history before that window (up to
-``max_long``) and the window targets (next ``w`` items, never past the training part).
-Validation and test samples use the whole prefix before their target and carry the
-prefix's distinct items for excluding history at ranking time. Every row carries its
-user's ``shard`` (a hash of the user id) and the table is written sorted by it, so each
-training rank reads the rows of its own users (:func:`hymirec_udfs.core.shards.read_rank_share`).
+ingest, so the order is deterministic and carries no item-id signal). The row holds the
+whole ordered history (item ids, timestamps, source order) and its split boundaries:
+leave-one-out by default (the last item is the test target, the one before it the
+validation target, the rest is training data), or ``time_cutoff``. Samples are not
+materialised: the training loader cuts them on the fly (every ``stride`` items, each with
+the recent window of ``n`` items, up to ``max_long`` items of long history before it and
+the next ``w`` training items as targets), and evaluation cuts the valid/test samples
+(:func:`hymirec_udfs.sequences.samples.cut_samples`), so the table is O(T) per user where
+per-cut rows were O(T x min(T, max_long)). Every row carries its user's ``shard`` and the
+table is written sorted by it, so each training rank reads the rows of its own users
+(:func:`hymirec_udfs.core.shards.read_rank_share`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.shards import SHARD_COLUMN
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
-from hymirec_udfs.sequences.samples import SequenceError, build_sequences
+from hymirec_udfs.sequences.samples import SequenceError, build_sequences, sample_counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
@@ -52,27 +54,27 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
                     f" re-run the stage that writes '{table}'"
                 )
 
-    samples = build_sequences(inter, cfg.sequences)
+    rows = build_sequences(inter, cfg.sequences)
     files = max(4, 2 * cfg.train.num_processes)
-    # Several files, each a contiguous range of shards sorted by (shard, user, cut): a
-    # rank's readers skip the row groups of other ranks' shards. Which rows a rank reads
-    # and their order do not depend on this layout (read_rank_share sorts them).
+    # Several files, each a contiguous range of shards sorted by (shard, user): a rank's
+    # readers skip the row groups of other ranks' shards. Which rows a rank reads and their
+    # order do not depend on this layout (read_rank_share sorts them).
     ctx.store.overwrite(
         schemas.SEQUENCES,
-        samples.repartitionByRange(files, SHARD_COLUMN).sortWithinPartitions(
-            SHARD_COLUMN, schemas.USER_ID, "split", "cut"),
+        rows.repartitionByRange(files, SHARD_COLUMN).sortWithinPartitions(SHARD_COLUMN, schemas.USER_ID),
     )
     written = ctx.store.read(schemas.SEQUENCES)
-    counts = {r["split"]: r["count"] for r in written.groupBy("split").count().collect()}
+    counts = sample_counts(written, cfg.sequences)
     users = inter.select(schemas.USER_ID).distinct().count()
-    kept = written.select(schemas.USER_ID).distinct().count()
+    kept = counts["users"]
     if kept == 0:
         raise SequenceError(
             f"no user has at least sequences.min_train_len={cfg.sequences.min_train_len} training items"
         )
     return StageOutput(
-        rows={"train_samples": counts.get("train", 0), "valid_samples": counts.get("valid", 0),
-              "test_samples": counts.get("test", 0), "users": kept, "users_skipped_short": users - kept},
+        rows={"train_samples": counts["train"], "valid_samples": counts["valid"], "test_samples": counts["test"],
+              "users": kept, "users_skipped_short": users - kept,
+              "history_items": counts["items"]},
         summary={"split": cfg.sequences.split, "mean_train_samples_per_user":
-                 counts.get("train", 0) / kept if kept else 0.0},
+                 counts["train"] / kept if kept else 0.0},
     )

@@ -34,7 +34,7 @@ TINY = ModelConfig(
 DMIL = DmilConfig(negatives=16, cluster_iters=3)
 TRAIN = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_steps=3, checkpoint_every=4,
                     early_stopping_patience=5, torch_threads=1, seed=0)
-WINDOW = dict(max_long=12, recent_window=4)
+WINDOW = dict(max_long=12, recent_window=4, window_targets=3)
 
 
 @pytest.fixture(autouse=True)
@@ -64,20 +64,16 @@ def make_store(nan: bool = False, seed: int = 0) -> ItemStore:
     return ItemStore([f"m{i}" for i in range(N_ITEMS)], emb, codes, coefs, centroids)
 
 
-def make_rows(n_users: int = 24, w: int = 3, n: int = 4, seed: int = 0) -> list[dict]:
-    """Leave-one-out samples: each user mixes two topics."""
+def make_rows(n_users: int = 24, seed: int = 0) -> list[dict]:
+    """``sequences`` user rows (leave-one-out boundaries): each user mixes two topics."""
     rng = np.random.default_rng(seed)
     rows = []
     for u in range(n_users):
         topics = rng.choice(4, 2, replace=False)
         pool = [i for i in range(N_ITEMS) if i % 4 in topics]
         hist = [f"m{i}" for i in rng.choice(pool, int(rng.integers(10, 16)))]
-        for cut in range(2, len(hist) - 2 - w + 1):
-            rows.append(dict(user_id=f"u{u}", split="train", cut=cut, long_ids=hist[: max(0, cut - n)],
-                             recent_ids=hist[max(0, cut - n): cut], target_ids=hist[cut: cut + w], exclude_ids=[]))
-        for split, cut in (("valid", len(hist) - 2), ("test", len(hist) - 1)):
-            rows.append(dict(user_id=f"u{u}", split=split, cut=cut, long_ids=hist[: max(0, cut - n)],
-                             recent_ids=hist[max(0, cut - n): cut], target_ids=[hist[cut]], exclude_ids=hist[:cut]))
+        rows.append(dict(user_id=f"u{u}", item_ids=hist, timestamps=list(range(len(hist))),
+                         source_orders=list(range(len(hist))), train_end=len(hist) - 2, valid_end=len(hist) - 1))
     return rows
 
 
@@ -117,53 +113,81 @@ def read_metrics(path: str) -> list[dict]:
 # Data ------------------------------------------------------------------------------------
 
 
-def test_dataset_maps_truncates_and_pads(tmp_path) -> None:
+def _row(user: str, items: list[str], train_end: int, valid_end: int) -> dict:
+    return dict(user_id=user, item_ids=items, timestamps=list(range(len(items))),
+                source_orders=list(range(len(items))), train_end=train_end, valid_end=valid_end)
+
+
+def test_dataset_cuts_truncates_and_pads(tmp_path) -> None:
     store = make_store()
     rows = [
-        dict(user_id="a", split="train", cut=9, long_ids=["m1", "m2", "m3", "m4"], recent_ids=["m5", "m6", "m7"],
-             target_ids=["m8", "m9"], exclude_ids=[]),
-        dict(user_id="b", split="train", cut=2, long_ids=[], recent_ids=["m0"], target_ids=["m3", "m3", "m4"],
-             exclude_ids=[]),
-        dict(user_id="c", split="valid", cut=5, long_ids=["m1"], recent_ids=["m2", "m3"], target_ids=["m3"],
-             exclude_ids=["m1", "m2", "m3", "m2"]),
+        _row("a", [f"m{i}" for i in range(1, 10)], 9, 9),           # training only
+        _row("b", ["m0", "m3", "m3", "m4"], 4, 4),
+        _row("c", ["m1", "m2", "m3", "m2", "m3"], 4, 5),           # valid target m3, no test
     ]
     path = write_parts(tmp_path, rows, 1)
-    ds = SequenceDataset(path, store, split="train", max_long=3, recent_window=2)
-    assert len(ds) == 2
+    ds = SequenceDataset(path, store, split="train", max_long=3, recent_window=2, window_targets=3,
+                         max_samples_per_user=1)
+    assert len(ds) == 3 and ds.cut.tolist() == [8, 3, 3]  # each user's most recent cut
     batch = ds.collate([0, 1])
-    # Catalog index = position in item_ids + 1; long keeps the 3 most recent, left-padded.
-    assert batch.long_idx.tolist() == [[3, 4, 5], [0, 0, 0]]
-    assert batch.recent_idx.tolist() == [[7, 8], [0, 1]]
-    assert batch.target_idx.tolist() == [[9, 10, 0], [4, 4, 5]]
-    assert batch.target_mask.tolist() == [[True, True, False], [True, True, True]]
+    # Catalog index = position in item_ids + 1; long keeps the 3 items before the recent
+    # window, left-padded; targets never pass the training part.
+    assert batch.long_idx.tolist() == [[5, 6, 7], [0, 0, 1]]
+    assert batch.recent_idx.tolist() == [[8, 9], [4, 4]]
+    assert batch.target_idx.tolist() == [[10], [5]]
+    assert batch.target_mask.tolist() == [[True], [True]]
     assert batch.user_ids == ["a", "b"]
+    assert ds.long_lengths.tolist() == [3, 1, 1]
     valid = SequenceDataset(path, store, split="valid", max_long=3, recent_window=2, with_exclude=True)
+    assert len(valid) == 1
     vb = valid.collate([0])
+    assert vb.long_idx.tolist() == [[2, 3]] and vb.recent_idx.tolist() == [[4, 3]]
     assert vb.target_idx.tolist() == [[4]]
     # Distinct history, the target itself kept rankable.
     assert vb.exclude_idx.tolist() == [[2, 3]]
+    assert len(SequenceDataset(path, store, split="test")) == 0
+
+
+def test_dataset_samples_equal_the_sequences_cutting(tmp_path) -> None:
+    # the loader and evaluation cut the same samples (sequences.samples.cut_samples)
+    from hymirec_udfs.core.config import SequencesConfig
+    from hymirec_udfs.sequences.samples import cut_samples
+
+    store = make_store()
+    rows = make_rows(n_users=5)
+    path = write_parts(tmp_path, rows, 2)
+    cfg = SequencesConfig(max_long=5, recent_window=3, window_targets=2, stride=2, max_samples_per_user=4)
+    for split in ("train", "valid", "test"):
+        ds = SequenceDataset(path, store, split=split, max_long=5, recent_window=3, window_targets=2, stride=2,
+                             max_samples_per_user=4)
+        expected = [x for r in sorted(rows, key=lambda r: r["user_id"]) for x in cut_samples(r, cfg, (split,))]
+        assert len(ds) == len(expected)
+        for i, sample in enumerate(expected):
+            long, recent, targets = ds.sample(i)
+            index = lambda ids: store.index_of(ids).tolist() if ids else []  # noqa: E731
+            assert long.tolist() == index(sample["long_ids"])
+            assert recent.tolist() == index(sample["recent_ids"])
+            assert targets.tolist() == index(sample["target_ids"])
+            assert ds.user_ids[i] == sample["user_id"] and ds.cut[i] == sample["cut"]
 
 
 def test_dataset_unknown_item_names_user_and_id(tmp_path) -> None:
-    rows = [dict(user_id="u1", split="train", cut=3, long_ids=["m1"], recent_ids=["m2", "ghost-7"],
-                 target_ids=["m3"], exclude_ids=[])]
-    path = write_parts(tmp_path, rows, 1)
-    with pytest.raises(KeyError, match=r"recent_ids.*u1.*ghost-7"):
+    path = write_parts(tmp_path, [_row("u1", ["m1", "m2", "ghost-7"], 3, 3)], 1)
+    with pytest.raises(KeyError, match=r"item_ids.*u1.*ghost-7"):
         SequenceDataset(path, make_store(), split="train")
 
 
-def test_dataset_split_column_and_partition_directory(tmp_path) -> None:
+def test_dataset_split_selection(tmp_path) -> None:
     store = make_store()
     rows = make_rows(n_users=3)
-    mixed = write_parts(tmp_path / "mixed", rows, 1)
-    n_train = sum(r["split"] == "train" for r in rows)
-    assert len(SequenceDataset(mixed, store, split="train")) == n_train
-    assert len(SequenceDataset(mixed, store, split="valid")) == 3
-    # Partitioned tables keep the split in the path, not in the file.
-    no_split = [{k: v for k, v in r.items() if k != "split"} for r in rows if r["split"] == "valid"]
-    part = write_parts(tmp_path / "t" / "split=valid", no_split, 1)
-    assert len(SequenceDataset(part, store, split="train")) == 0
-    assert len(SequenceDataset(part, store, split="valid")) == 3
+    path = write_parts(tmp_path, rows, 1)
+    n_train = sum(r["train_end"] - 1 for r in rows)  # every cut, stride 1
+    assert len(SequenceDataset(path, store, split="train")) == n_train
+    assert len(SequenceDataset(path, store, split="valid")) == 3
+    assert len(SequenceDataset(path, store, split="test")) == 3
+    assert len(SequenceDataset(path, store, split=None)) == n_train + 6
+    with pytest.raises(ValueError, match="split must be one of"):
+        SequenceDataset(path, store, split="holdout")
 
 
 def test_rank_shares_depend_on_user_ids_only(tmp_path) -> None:
@@ -181,13 +205,13 @@ def test_rank_shares_depend_on_user_ids_only(tmp_path) -> None:
         second = SequenceDataset(b[::-1], store, split=None, rank=rank, world_size=3)
         # same users, same rows in the same order, whatever the files and their row order
         assert first.user_ids.tolist() == second.user_ids.tolist()
-        assert np.array_equal(first.long.values, second.long.values)
-        assert np.array_equal(first.target.values, second.target.values)
+        a_batch, b_batch = first.collate(np.arange(len(first))), second.collate(np.arange(len(second)))
+        assert torch.equal(a_batch.long_idx, b_batch.long_idx) and torch.equal(a_batch.target_idx, b_batch.target_idx)
         lo, hi = rank_shard_range(rank, 3)
         assert all(lo <= s < hi for s in user_shards(first.user_ids.tolist()))
         assert first.user_ids.tolist() == sorted(first.user_ids.tolist())
-        seen.extend(first.user_ids.tolist())
-    assert sorted(seen) == sorted(r["user_id"] for r in rows)  # every row on exactly one rank
+        seen.extend(dict.fromkeys(first.user_ids.tolist()))
+    assert sorted(seen) == sorted(r["user_id"] for r in rows)  # every user on exactly one rank
 
 
 def test_rank_share_skips_row_groups_of_other_shards(tmp_path) -> None:
@@ -198,15 +222,15 @@ def test_rank_share_skips_row_groups_of_other_shards(tmp_path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
     lo, hi = rank_shard_range(0, 4)
     share = read_rank_share([str(path)], ["user_id"], rank=0, world_size=4, user_col="user_id",
-                            sort_by=["user_id", "cut"])
+                            sort_by=["user_id"])
     assert sorted(set(share.column("user_id").to_pylist())) == sorted(
         {r["user_id"] for r in rows if lo <= r["shard"] < hi})
 
 
 def test_rank_share_names_a_missing_column(tmp_path) -> None:
-    rows = [{k: v for k, v in r.items() if k != "cut"} for r in make_rows(n_users=2)]
+    rows = [{k: v for k, v in r.items() if k != "train_end"} for r in make_rows(n_users=2)]
     path = write_parts(tmp_path, rows, 1)
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['cut'\]"):
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['train_end'\]"):
         SequenceDataset(path, make_store(), split="train")
 
 
@@ -361,7 +385,7 @@ def test_nan_loss_names_step_users_and_checkpoint(toy, tmp_path) -> None:
 def test_empty_training_data_is_a_clear_error(toy, tmp_path) -> None:
     with pytest.raises(ValueError, match="train_files is empty"):
         run_train(toy, tmp_path / "a", train_files=[])
-    valid_only = [r for r in make_rows(n_users=2) if r["split"] != "train"]
+    valid_only = [_row("u1", ["m1", "m2", "m3"], 1, 2), _row("u2", ["m4", "m5", "m6"], 1, 2)]  # no training cut
     files = write_parts(tmp_path / "v", valid_only, 1)
     with pytest.raises(ValueError, match="no training samples"):
         run_train(toy, tmp_path / "b", train_files=files)

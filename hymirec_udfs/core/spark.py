@@ -83,8 +83,11 @@ def get_spark(
         # Under spark-submit (a scheduler, a cluster) its --master / --name / --conf and
         # spark-defaults.conf win: only keys the launcher left unset are filled in, and the
         # laptop sizing is not applied at all.
-        from pyspark import SparkConf
+        from pyspark import SparkConf, SparkContext
 
+        # Attach to the launcher's JVM first: without it SparkConf() is an empty local dict
+        # and the --conf values would not be seen.
+        SparkContext._ensure_initialized()
         preset = {key for key, _ in SparkConf().getAll()}
     else:
         # Not launched by spark-submit: we choose the master. Under spark-submit, its

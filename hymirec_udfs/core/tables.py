@@ -279,7 +279,11 @@ class DeltaRsStore(TableStore):
         staging = self._stage(name, df)
         try:
             write_deltalake(
-                self.location(name), self._batches(staging, schemas.arrow_schema(name)), mode=mode
+                self.location(name), self._batches(staging, schemas.arrow_schema(name)), mode=mode,
+                # An overwrite writes the declared schema (enforced by conform() before it gets
+                # here): a table written by an older release with another shape is replaced in
+                # one commit, its earlier versions still readable by time travel.
+                **({"schema_mode": "overwrite"} if mode == "overwrite" else {}),
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -365,6 +369,8 @@ class SparkDeltaStore(TableStore):
 
     def _write(self, name: str, df: "DataFrame", mode: str) -> int:
         writer = df.write.format("delta").mode(mode)
+        if mode == "overwrite":
+            writer = writer.option("overwriteSchema", "true")  # declared schema, enforced by conform()
         if self.use_catalog:
             writer.saveAsTable(self.location(name))
         else:

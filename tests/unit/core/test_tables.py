@@ -136,3 +136,20 @@ def test_staged_write_the_driver_cannot_see_fails_and_commits_nothing(spark, sto
     assert store.version("items") == 0
     assert sorted(r.item_id for r in store.read("items").collect()) == ["1", "2"]
 
+
+
+def test_overwrite_replaces_a_table_written_with_an_older_shape(spark, store) -> None:
+    # An upgrade changes a table's declared shape (interactions gained source_order,
+    # sequences became one row per user): the next overwrite must replace it, not fail
+    # with "Cannot cast schema, number of fields does not match".
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    old = pa.table({"item_id": ["9"], "title": ["old shape"]})
+    write_deltalake(store.location("items"), old)
+    assert store.version("items") == 0
+    assert store.overwrite("items", _items(spark, [("1", "a")])) == 1
+    assert [(r.item_id, r.title) for r in store.read("items").collect()] == [("1", "a")]
+    from deltalake import DeltaTable
+
+    assert DeltaTable(store.location("items"), version=0).to_pyarrow_table().column("title").to_pylist() == ["old shape"]

@@ -81,7 +81,8 @@ def up_to_date(store: TableStore, cfg: Config, spec: StageSpec) -> Optional[str]
 
     A stage is up to date when its last successful run had the same config hash, read
     the same versions of its input tables that are current now, and its output tables
-    are still at the versions it wrote.
+    are still at the versions it wrote, in the declared shape (a table an older release
+    wrote with other columns is rebuilt, not skipped).
     """
     last = last_success(store, spec.name)
     if last is None:
@@ -97,4 +98,6 @@ def up_to_date(store: TableStore, cfg: Config, spec: StageSpec) -> Optional[str]
     for table, version in (last["output_versions"] or {}).items():
         if store.version(table) != version:
             return None
+        if store.columns(table) != schemas.arrow_schema(table).names:
+            return None  # written by a release with another shape: rebuild it
     return f"unchanged since run {last['run_id']} ({last['started_at']:%Y-%m-%d %H:%M:%S})"

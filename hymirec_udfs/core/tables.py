@@ -110,6 +110,10 @@ class TableStore(ABC):
         """Current version of ``name`` (None when it does not exist)."""
 
     @abstractmethod
+    def columns(self, name: str) -> list[str]:
+        """Column names of the table's current version (its stored shape)."""
+
+    @abstractmethod
     def history(self, name: str) -> list[dict[str, Any]]:
         """Commit history of ``name``, newest first (version, timestamp, operation)."""
 
@@ -212,6 +216,9 @@ class DeltaRsStore(TableStore):
 
     def version(self, name: str) -> Optional[int]:
         return self._table(name).version() if self.exists(name) else None
+
+    def columns(self, name: str) -> list[str]:
+        return [field.name for field in self._table(name).schema().fields]
 
     def history(self, name: str) -> list[dict[str, Any]]:
         return list(self._table(name).history())
@@ -349,6 +356,9 @@ class SparkDeltaStore(TableStore):
         if not self.exists(name):
             return None
         return int(self._delta(name).history(1).collect()[0]["version"])
+
+    def columns(self, name: str) -> list[str]:
+        return list(self._delta(name).toDF().columns)
 
     def history(self, name: str) -> list[dict[str, Any]]:
         rows = self._delta(name).history().select("version", "timestamp", "operation").collect()

@@ -38,6 +38,24 @@ def test_pipeline_skips_unchanged_and_reruns_on_change(spark, make_cfg, tmp_path
     assert not run_pipeline(spark, changed, to_stage="ingest", echo=lines.append)[0].skipped
 
 
+def test_output_in_an_older_shape_is_rebuilt_not_skipped(spark, make_cfg, tmp_path: Path, monkeypatch) -> None:
+    # A work dir from an older release: the job_runs row and table versions match, but the
+    # table lacks a column the code now declares (interactions before source_order). The
+    # skip check used to say "unchanged" and later stages failed on the missing column.
+    from hymirec_udfs.core.tables import DeltaRsStore, get_table_store
+
+    cfg = _cfg(make_cfg, tmp_path)
+    run_pipeline(spark, cfg, to_stage="ingest", echo=lambda _: None)
+    store = get_table_store(spark, cfg)
+    assert store.columns(schemas.INTERACTIONS) == schemas.arrow_schema(schemas.INTERACTIONS).names
+    real = DeltaRsStore.columns
+    monkeypatch.setattr(DeltaRsStore, "columns", lambda self, name: [
+        c for c in real(self, name) if not (name == schemas.INTERACTIONS and c == schemas.SOURCE_ORDER)])
+    lines: list[str] = []
+    again = run_pipeline(spark, cfg, to_stage="ingest", echo=lines.append)
+    assert not again[0].skipped and again[0].status == "success"
+
+
 def test_pipeline_failure_names_stage(spark, make_cfg, tmp_path: Path) -> None:
     cfg = _cfg(make_cfg, tmp_path, "ingest.items_file=missing.csv")
     lines: list[str] = []

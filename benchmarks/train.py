@@ -172,17 +172,22 @@ def run_once(num_processes: int, kwargs: dict[str, Any], workdir: Path, tag: str
 # GPU measurement -------------------------------------------------------------------------
 
 
-def gpu_bench(store: ItemStore, files: list[str], steps: int, warmup: int = 3) -> dict[str, Any]:
-    """TinyLlama-1.1B-shaped HyMiRec on one GPU: tokens/s and MFU of the LLM part."""
+def gpu_bench(store: ItemStore, files: list[str], steps: int, warmup: int = 3, *, device_name: str = "cuda",
+              sizes: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """TinyLlama-1.1B-shaped HyMiRec on one GPU: tokens/s and MFU of the LLM part.
+
+    ``device_name="cpu"`` with small ``sizes`` checks the code path without a GPU.
+    """
     from hymirec_udfs.recommender.dmil import sample_negatives
     from hymirec_udfs.recommender.models import build_model, model_loss
     from hymirec_udfs.recommender.data import SequenceDataset, epoch_batches
     from hymirec_udfs.training.optim import build_optimizer
 
     cfg = load_config(["local", "gpu-tinyllama"])
-    mcfg = dataclasses.replace(cfg.model, **TINYLLAMA_1_1B_SIZES)
+    mcfg = dataclasses.replace(cfg.model, **(sizes or TINYLLAMA_1_1B_SIZES))
     dmil, tcfg, seq = cfg.dmil, cfg.train, cfg.sequences
-    device = torch.device("cuda", 0)
+    device = torch.device(device_name)
+    on_gpu = device.type == "cuda"
     torch.manual_seed(0)
     model = build_model("hymirec", mcfg, store, dmil_cfg=dmil, max_long=seq.max_long,
                         max_recent=seq.recent_window).to(device)
@@ -199,27 +204,28 @@ def gpu_bench(store: ItemStore, files: list[str], steps: int, warmup: int = 3) -
     def step(rows: np.ndarray) -> None:
         batch = ds.collate(rows).to(device)
         neg = sample_negatives(store.n_items, dmil.negatives, gen).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss, _ = model_loss(model, batch, dmil, neg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         optimizer.step()
 
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     for b in range(warmup):
         step(batches[b % len(batches)])
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     samples = 0
     for b in range(warmup, warmup + steps):
         rows = batches[b % len(batches)]
         step(rows)
         samples += len(rows)
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - t0
     tokens_per_sample = mcfg.coarse_queries + seq.recent_window + mcfg.interests
     tokens_per_s = samples / elapsed * tokens_per_sample
-    name = torch.cuda.get_device_name(0)
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     return {
         "gpu_samples_per_s": samples / elapsed,
@@ -230,7 +236,7 @@ def gpu_bench(store: ItemStore, files: list[str], steps: int, warmup: int = 3) -
         "gpu_batch_size": bsz,
         "gpu_steps": steps,
         "gpu_tokens_per_sample": tokens_per_sample,
-        "gpu_peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "gpu_peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
     }
 
 

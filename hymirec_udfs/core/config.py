@@ -474,7 +474,14 @@ def default_conf_dir() -> Any:
         return Path(env)
     from importlib.resources import files
 
-    return files("hymirec_udfs.conf")  # conf/ is mapped into the package by setup.py
+    try:
+        return files("hymirec_udfs.conf")  # conf/ is mapped into the package by setup.py
+    except ModuleNotFoundError:
+        # A checkout that was never installed (PYTHONPATH=. on a GPU box): its own conf/.
+        checkout = Path(__file__).resolve().parents[2] / "conf"
+        if checkout.is_dir():
+            return checkout
+        raise
 
 
 def load_config(

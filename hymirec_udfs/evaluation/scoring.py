@@ -217,6 +217,7 @@ def topk_items(
     merge: str = MERGE_MAX,
     chunk_items: int = 65536,
     chunk_users: int = 1024,
+    device: str = "cpu",
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-K catalog items per user, excluding each user's history.
 
@@ -235,6 +236,10 @@ def topk_items(
         merge: ``"max"`` or ``"union"``.
         chunk_items: catalog rows scored per matmul.
         chunk_users: users scored per matmul.
+        device: torch device of the scoring (``cpu``, ``cuda``, ``cuda:1``). On a GPU the
+            catalog is copied there once (N x D float32: 8 GB at 1M x 2048), each user
+            chunk's top-K comes back to the host; matmuls run in IEEE float32 (TF32 off),
+            so the lists equal the CPU's up to float32 rounding of near-ties.
 
     Returns:
         ``(indices, scores)``: int64 and float32 arrays of shape ``(U, k)`` for
@@ -263,15 +268,16 @@ def topk_items(
     out_idx = np.full((n_rows, k), -1, dtype=np.int64)
     out_score = np.full((n_rows, k), -np.inf, dtype=np.float32)
 
+    dev = torch.device(device)
     with torch.inference_mode(), _ieee_fp32_matmul():
-        scorer = _CatalogScorer(items, vecs.shape[1], min(chunk_users, n_rows), chunk_items)
+        scorer = _CatalogScorer(items.to(dev), vecs.shape[1], min(chunk_users, n_rows), chunk_items)
         for row_lo in range(0, n_rows, chunk_users):
             row_hi = min(row_lo + chunk_users, n_rows)
             n_chunk = row_hi - row_lo
-            queries = scorer.queries(vecs[row_lo:row_hi])
+            queries = scorer.queries(vecs[row_lo:row_hi].to(dev))
             excl_rows, excl_cols = _chunk_exclusions(excl, row_lo, row_hi)
-            best_score = torch.full((n_chunk, 0), -math.inf)
-            best_idx = torch.zeros((n_chunk, 0), dtype=torch.int64)
+            best_score = torch.full((n_chunk, 0), -math.inf, device=dev)
+            best_idx = torch.zeros((n_chunk, 0), dtype=torch.int64, device=dev)
             for item_lo in range(0, n_items, chunk_items):
                 item_hi = min(item_lo + chunk_items, n_items)
                 scores = scorer.scores(queries, n_chunk, item_lo, item_hi)
@@ -282,8 +288,8 @@ def topk_items(
             best_idx = torch.where(
                 torch.isneginf(best_score), torch.full_like(best_idx, -1), best_idx
             )
-            out_idx[row_lo:row_hi, : best_idx.shape[1]] = best_idx.numpy()
-            out_score[row_lo:row_hi, : best_score.shape[1]] = best_score.numpy()
+            out_idx[row_lo:row_hi, : best_idx.shape[1]] = best_idx.cpu().numpy()
+            out_score[row_lo:row_hi, : best_score.shape[1]] = best_score.cpu().numpy()
 
     if merge == MERGE_UNION:
         return (
@@ -406,7 +412,7 @@ def _as_float_tensor(values: ArrayLike, name: str) -> "torch.Tensor":
 
 @contextlib.contextmanager
 def _ieee_fp32_matmul() -> Iterator[None]:
-    """Force IEEE float32 CPU matmuls for the duration, then restore the setting.
+    """Force IEEE float32 CPU and CUDA matmuls for the duration, then restore the settings.
 
     ``torch.set_float32_matmul_precision("medium")`` (or the newer
     ``torch.backends.*.fp32_precision = "bf16"``) makes oneDNN run float32 matmuls in
@@ -414,6 +420,23 @@ def _ieee_fp32_matmul() -> Iterator[None]:
     :func:`_rank_rows` and the top-K order would silently break. The knob is process
     global, so it is restored even on error.
     """
+    import torch
+
+    # CUDA's counterpart of the oneDNN knob is TF32 (GPU scoring); newer torch names it
+    # fp32_precision and warns on the old allow_tf32 attribute.
+    cuda = torch.backends.cuda.matmul
+    attr, ieee = ("fp32_precision", "ieee") if hasattr(cuda, "fp32_precision") else ("allow_tf32", False)
+    saved_cuda = getattr(cuda, attr)
+    setattr(cuda, attr, ieee)
+    try:
+        with _ieee_cpu_matmul():
+            yield
+    finally:
+        setattr(cuda, attr, saved_cuda)
+
+
+@contextlib.contextmanager
+def _ieee_cpu_matmul() -> Iterator[None]:
     import torch
 
     knob = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
@@ -461,7 +484,7 @@ def _item_inverse_norms(items: "torch.Tensor", chunk_items: int) -> Optional["to
     """
     import torch
 
-    norms = torch.empty(items.shape[0], dtype=torch.float32)
+    norms = torch.empty(items.shape[0], dtype=torch.float32, device=items.device)
     for lo in range(0, items.shape[0], chunk_items):
         hi = min(lo + chunk_items, items.shape[0])
         norms[lo:hi] = torch.linalg.vector_norm(items[lo:hi], dim=1)
@@ -498,9 +521,10 @@ class _CatalogScorer:
         rows = max(1, chunk_users)
         # Flat storage, so every (rows x width) view of it is contiguous, also for a
         # narrower last chunk.
-        self._scores = torch.empty(n_interests * rows * width, dtype=torch.float32)
-        self._aux = torch.empty(rows * width, dtype=torch.float32)
-        self._mask = torch.empty(rows * width, dtype=torch.bool)
+        dev = items.device
+        self._scores = torch.empty(n_interests * rows * width, dtype=torch.float32, device=dev)
+        self._aux = torch.empty(rows * width, dtype=torch.float32, device=dev)
+        self._mask = torch.empty(rows * width, dtype=torch.bool, device=dev)
 
     def queries(self, vecs: "torch.Tensor") -> "torch.Tensor":
         """Normalised ``(n, s, D)`` interests as ``(s * n, D)``, interest-major."""
@@ -559,10 +583,10 @@ def _merge_topk(
         if rows.numel() == 0:
             return best_score, best_idx
         counts = torch.bincount(rows, minlength=n_rows)
-        rank = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
+        rank = torch.arange(rows.numel(), device=scores.device) - (torch.cumsum(counts, 0) - counts)[rows]
         extra = int(counts.max())
-        pad_score = torch.full((n_rows, extra), -math.inf)
-        pad_idx = torch.full((n_rows, extra), -1, dtype=torch.int64)
+        pad_score = torch.full((n_rows, extra), -math.inf, device=scores.device)
+        pad_idx = torch.full((n_rows, extra), -1, dtype=torch.int64, device=scores.device)
         pad_score[rows, rank] = scores[rows, cols]
         pad_idx[rows, rank] = cols + item_lo
         cand_score = torch.cat([best_score, pad_score], dim=1)
@@ -616,8 +640,8 @@ def _mask_exclusions(
 
     lo, hi = np.searchsorted(excl_cols, [item_lo, item_hi])
     if hi > lo:
-        rows = torch.from_numpy(excl_rows[lo:hi])
-        cols = torch.from_numpy(excl_cols[lo:hi] - item_lo)
+        rows = torch.from_numpy(excl_rows[lo:hi]).to(scores.device)
+        cols = torch.from_numpy(excl_cols[lo:hi] - item_lo).to(scores.device)
         scores[rows, cols] = -math.inf
 
 

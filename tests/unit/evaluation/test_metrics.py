@@ -298,6 +298,33 @@ def test_topk_matches_brute_force(order: str, chunk_items: int, chunk_users: int
     assert np.all(np.diff(got, axis=1) <= 0)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_device_matches_default(device: str) -> None:
+    """``device=`` (the GPU path of recommend/evaluate) gives the default path's lists.
+
+    Rows of different norms and histories excluded; chunks small enough that the
+    threshold merge and the exclusion masks run on the device. The device's IEEE
+    float32 setting is restored afterwards.
+    """
+    rng = np.random.default_rng(5)
+    items = (rng.standard_normal((800, 16)) * rng.uniform(0.5, 2.0, (800, 1))).astype(np.float32)
+    interests = rng.standard_normal((37, 2, 16)).astype(np.float32)
+    exclude = [rng.choice(800, rng.integers(0, 30), replace=False) for _ in range(37)]
+    before = torch.backends.cuda.matmul.fp32_precision
+    ref_idx, ref_score = topk_items(interests, items, 20, exclude, chunk_items=97, chunk_users=8)
+    idx, score = topk_items(interests, items, 20, exclude, chunk_items=97, chunk_users=8, device=device)
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    np.testing.assert_allclose(score, ref_score, atol=1e-5)
+    agree = (idx == ref_idx).mean()
+    assert agree > 0.99, agree  # near-ties may swap under another device's rounding
+    for user, e in enumerate(exclude):
+        assert not np.isin(idx[user], e).any()
+
+
 def test_topk_pads_when_too_few_items() -> None:
     # B with history {e0, e1}: only e2 (0.96) and e3 (0) remain; k = 4 pads twice.
     idx, scores = topk_items(INTERESTS[1:], ITEMS, 4, [np.array([0, 1])])

@@ -46,6 +46,20 @@ class Pooling(Choice):
     LAST_TOKEN = "last_token"
 
 
+class ItemAdapter(Choice):
+    """The trainable item side of the content models (HyMiRec, HLLM) used for ranking.
+
+    ``none``: the frozen content embeddings; ``mlp``: ``e + MLP(e)`` (a residual MLP
+    tower over the content, identity at initialisation, so unseen items are scored with
+    it too); ``mlp_id``: that plus a per-item learned residual (an ID table, zero at
+    initialisation; items added after training have none and fall back to the MLP).
+    """
+
+    NONE = "none"
+    MLP = "mlp"
+    MLP_ID = "mlp_id"
+
+
 class EmbedDtype(Choice):
     """Compute dtype of the content encoder (``auto``: bf16 on GPU, fp32 on CPU)."""
 
@@ -121,6 +135,7 @@ CONFIG_CHOICES: dict[str, type[Choice]] = {
     "sequences.split": SplitMode,
     "dmil.matching": Matching,
     "train.model_type": ModelType,
+    "model.item_adapter": ItemAdapter,
     "evaluate.merge": MergeMode,
     "stage1.trainable": Trainable,
 }

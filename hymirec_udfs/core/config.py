@@ -261,6 +261,8 @@ class ModelConfig:
         llm_kv_heads: LLM key/value heads.
         llm_intermediate: LLM MLP width.
         dropout: dropout in the lightweight recommender.
+        item_adapter: trainable item side used for ranking (:class:`~hymirec_udfs.core.choices.ItemAdapter`):
+            ``none`` (frozen content embeddings), ``mlp`` or ``mlp_id``.
     """
 
     interests: int = 2
@@ -278,6 +280,7 @@ class ModelConfig:
     llm_kv_heads: int = 4
     llm_intermediate: int = 256
     dropout: float = 0.1
+    item_adapter: str = "none"
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hymirec_udfs.core.choices import ModelType
+from hymirec_udfs.core.choices import ItemAdapter, ModelType
 from hymirec_udfs.core.config import DmilConfig, ModelConfig
 from hymirec_udfs.recommender.dmil import dmil_loss, select_targets
 from hymirec_udfs.recommender.item_store import ItemStore
@@ -288,6 +288,7 @@ class HyMiRec(nn.Module):
         self.recent_in = _linear_or_identity(self.dim, hidden)
         self.refined_queries = nn.Parameter(torch.randn(cfg.interests, hidden) * 0.02)
         self.out = _linear_or_identity(hidden, self.dim)
+        self._build_item_adapter(cfg.item_adapter)
         if learnable_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         else:
@@ -317,6 +318,44 @@ class HyMiRec(nn.Module):
                 nn.init.normal_(self.indicator, std=recent / math.sqrt(self.indicator.numel()))
 
     # Item side -------------------------------------------------------------------------
+    def _build_item_adapter(self, kind: str) -> None:
+        """The trainable item tower (:class:`ItemAdapter`); identity at initialisation.
+
+        Memory: the MLP is ``2 D^2`` weights whatever the catalog; ``mlp_id`` adds an
+        ``(N+1) x D`` float32 table (15 GB at 10M items x 384-d, plus AdamW's 2x), so it
+        is for catalogs that fit a rank, not the paper's 11.7M.
+        """
+        if kind not in ItemAdapter.values():
+            raise ValueError(f"model.item_adapter must be one of {ItemAdapter.values()}, got {kind!r}")
+        self.adapter = None
+        self.item_id = None
+        if kind == ItemAdapter.NONE:
+            return
+        self.adapter = nn.Sequential(nn.Linear(self.dim, 2 * self.dim), nn.GELU(), nn.Linear(2 * self.dim, self.dim))
+        nn.init.zeros_(self.adapter[2].weight)
+        nn.init.zeros_(self.adapter[2].bias)
+        if kind == ItemAdapter.MLP_ID:
+            self.item_id = nn.Embedding(self.n_items + 1, self.dim, padding_idx=0)
+            nn.init.zeros_(self.item_id.weight)
+
+    @property
+    def has_item_adapter(self) -> bool:
+        return self.adapter is not None
+
+    def item_vectors_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx.shape + (D,)`` unit vectors items are ranked with (zeros for padding).
+
+        Without an adapter these are the content embeddings themselves; with one,
+        ``normalize(e + MLP(e) [+ id(i)])``.
+        """
+        emb = self.item_embeddings[idx]
+        if self.adapter is None:
+            return emb
+        out = emb + self.adapter(emb)
+        if self.item_id is not None:
+            out = out + self.item_id(idx)
+        return F.normalize(out.float(), dim=-1) * (idx != 0)[..., None]
+
     def decode_items(self, idx: torch.Tensor) -> torch.Tensor:
         """Codebook reconstructions ``e_hat`` of catalog items, L2-normalised.
 
@@ -343,8 +382,15 @@ class HyMiRec(nn.Module):
         return self.item_embeddings[idx]
 
     def item_vectors(self) -> torch.Tensor:
-        """(N+1, D) unit item embeddings items are ranked with (row 0 zeros)."""
-        return self.item_embeddings
+        """(N+1, D) unit item vectors items are ranked with (row 0 zeros).
+
+        With an adapter this runs it over the whole catalog: ``(N+1) x D`` float32 out
+        (15 GB at 10M x 384-d); the serving path scores chunks with ``item_vectors_of``.
+        """
+        if self.adapter is None:
+            return self.item_embeddings
+        idx = torch.arange(self.n_items + 1, device=self.item_embeddings.device)
+        return self.item_vectors_of(idx)
 
     def score_items(self, user_vecs: torch.Tensor) -> torch.Tensor:
         """(B, N+1) cosine scores ``max_j cos(r_j, e_i)``; column 0 is padding."""
@@ -372,17 +418,29 @@ class HyMiRec(nn.Module):
             coarse = coarse + self.indicator
         return coarse
 
-    def forward(self, long_idx: torch.Tensor, recent_idx: torch.Tensor) -> torch.Tensor:
-        """Refined interests.
+    def forward(
+        self, long_idx: torch.Tensor, recent_idx: torch.Tensor, item_idx: Optional[torch.Tensor] = None
+    ) -> Any:
+        """Refined interests (and the ranking vectors of ``item_idx``).
 
         Args:
             long_idx: (B, Lh) long-history indices, left-padded with 0 (ignored without
                 the lightweight recommender).
             recent_idx: (B, n) recent-window indices, left-padded with 0.
+            item_idx: optional catalog indices (the loss's targets and negatives); their
+                :meth:`item_vectors_of` come back too, computed inside ``forward`` so that
+                a DDP wrapper synchronises the item adapter's gradients.
 
         Returns:
-            (B, s, D) L2-normalised interests.
+            (B, s, D) L2-normalised interests; with ``item_idx`` the pair
+            ``(interests, item_vectors_of(item_idx))``.
         """
+        interests = self._interests(long_idx, recent_idx)
+        if item_idx is None:
+            return interests
+        return interests, self.item_vectors_of(item_idx)
+
+    def _interests(self, long_idx: torch.Tensor, recent_idx: torch.Tensor) -> torch.Tensor:
         bsz = recent_idx.shape[0]
         device = recent_idx.device
         parts = []
@@ -626,19 +684,23 @@ def model_loss(
         return loss, {}
     if neg_ids is None:
         raise ValueError("HyMiRec/HLLM losses need sampled negatives (neg_ids)")
-    interests = model(batch.long_idx, batch.recent_idx)
     target_idx, target_mask = select_targets(batch.target_idx, batch.target_mask, dmil_cfg)
-    single = isinstance(inner, HLLMSingle) or interests.shape[1] == 1
-    if single:
+    if isinstance(inner, HLLMSingle) or inner.cfg.interests == 1:
         target_idx, target_mask = target_idx[:, :1], target_mask[:, :1]
-    emb = inner.item_embeddings
-    neg_ids = neg_ids.to(emb.device)
+    neg_ids = neg_ids.to(target_idx.device)
+    if inner.has_item_adapter:
+        ids = torch.cat([target_idx.reshape(-1), neg_ids])
+        interests, vecs = model(batch.long_idx, batch.recent_idx, ids)
+        target_emb, neg_emb = vecs[: target_idx.numel()].view(*target_idx.shape, -1), vecs[target_idx.numel():]
+    else:
+        interests = model(batch.long_idx, batch.recent_idx)
+        target_emb, neg_emb = inner.item_embeddings[target_idx], inner.item_embeddings[neg_ids]
     return dmil_loss(
         interests,
-        emb[target_idx],
+        target_emb,
         target_mask,
         target_idx,
-        emb[neg_ids],
+        neg_emb,
         neg_ids,
         s=interests.shape[1],
         matching=dmil_cfg.matching,

@@ -239,6 +239,43 @@ def test_without_dmil_one_interest_and_next_item_only() -> None:
     assert loss(full, targets, DmilConfig(negatives=8)) != pytest.approx(loss(full, other, DmilConfig(negatives=8)))
 
 
+@pytest.mark.parametrize("kind", ["mlp", "mlp_id"])
+@pytest.mark.parametrize("model_type", ["hymirec", "hllm"])
+def test_item_adapter_starts_as_identity_trains_and_ranks(kind: str, model_type: str) -> None:
+    """The item tower: equal to the content at init, trained by the loss, used for ranking."""
+    store = make_store()
+    cfg = dataclasses.replace(TINY, item_adapter=kind)
+    model = _build(model_type, cfg, store=store)
+    plain = _build(model_type, TINY, store=store)
+    torch.testing.assert_close(model.item_vectors(), plain.item_vectors())
+    assert torch.all(model.item_vectors()[0] == 0)
+    dmil = DmilConfig(negatives=8)
+    neg = sample_negatives(N_ITEMS, 8, torch.Generator().manual_seed(0))
+    targets = torch.tensor([[13, 14, 15], [16, 17, 0], [18, 0, 0]])
+    batch = SimpleNamespace(long_idx=LONG, recent_idx=RECENT, target_idx=targets, target_mask=targets != 0)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss0 = model_loss(model, batch, dmil, neg)[0]
+    loss0.backward()
+    assert model.adapter[2].weight.grad.abs().sum() > 0
+    if kind == "mlp_id":
+        grad = model.item_id.weight.grad
+        assert grad[13].abs().sum() > 0 and grad[0].abs().sum() == 0  # padding row never trained
+    opt.step()
+    model.eval()
+    moved = (model.item_vectors()[1:] - plain.item_vectors()[1:]).norm(dim=-1)
+    assert moved.max() > 1e-3  # ranking now uses the trained tower
+    torch.testing.assert_close(model.item_vectors()[1:].norm(dim=-1), torch.ones(N_ITEMS))
+    # the item vectors of the loss are those of ranking
+    idx = torch.tensor([3, 0, 7])
+    torch.testing.assert_close(model.item_vectors_of(idx), model.item_vectors()[idx])
+
+
+def test_item_adapter_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="model.item_adapter must be one of"):
+        _build(cfg=dataclasses.replace(TINY, item_adapter="tower"))
+
+
 def test_learnable_temperature_adds_logit_scale() -> None:
     model = _build(dmil_cfg=DmilConfig(learnable_temperature=True, temperature=0.05))
     assert model.logit_scale.item() == pytest.approx(math.log(20.0))

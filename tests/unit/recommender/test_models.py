@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 from hymirec_udfs.core.config import DmilConfig, ModelConfig
 from hymirec_udfs.recommender.dmil import sample_negatives
-from hymirec_udfs.recommender.models import TINYLLAMA_1_1B_SIZES, HLLMSingle, HyMiRec, LightEncoder, SASRec, build_model, model_loss, recency_positions, score_against
+from hymirec_udfs.recommender.models import (
+    TINYLLAMA_1_1B_SIZES, HLLMSingle, HyMiRec, LightEncoder, SASRec, build_model, model_loss, recency_positions,
+    score_against,
+)
 from hymirec_udfs.recommender.item_store import ItemStore
 
 N_ITEMS, DIM, LAYERS, K = 40, 12, 2, 4

@@ -5,9 +5,9 @@ versions of its :class:`~hymirec_udfs.core.stage_api.StageContext` and the ``job
 lineage, never by importing that stage's module. This module imports core and algorithm
 modules only; stage modules import it (the architecture test keeps it so).
 
-Costs at 10M items: :func:`to_matrix` and :func:`build_item_store` collect the catalog's
-embeddings to the driver (10M x D float32: 15 GB at D=384) -- the scale issue replaces the
-dense item store with a streamed one; :func:`latest_codebook` collects one codebook
+Costs at 10M items: :func:`to_matrix` collects what it is given (callers pass a bounded
+sample); :func:`build_item_store` streams the catalog into a memory-mapped item store
+directory one partition at a time; :func:`latest_codebook` collects one codebook
 (sum(ks) rows), :func:`current_model_id` and :func:`trained_encoder` read one ``job_runs`` row.
 """
 
@@ -164,15 +164,28 @@ def current_embeddings(ctx: StageContext, cfg: Config) -> "DataFrame":
 
 
 def to_matrix(df: "DataFrame", column: str = "embedding") -> tuple[list[str], np.ndarray]:
-    """Collect (item ids, float32 matrix) through Arrow (no per-row Python objects)."""
-    table = df.select(schemas.ITEM_ID, column).toArrow()
-    ids = table.column(schemas.ITEM_ID).to_pylist()
-    values = table.column(column).combine_chunks()
-    flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    dims = np.diff(values.offsets.to_numpy())
-    if len(dims) and (dims.min() != dims.max()):
-        raise CodebookStageError(f"'{column}' rows have different lengths ({dims.min()}..{dims.max()})")
-    return ids, flat.reshape(len(ids), int(dims[0]) if len(dims) else 0)
+    """(item ids, float32 matrix) of ``df`` in ``item_id`` order, streamed a partition at a time
+    (:func:`_stream_blocks`): the driver holds the result plus one partition, each pulled
+    partition well under ``spark.driver.maxResultSize``. Callers pass bounded frames (the
+    codebook's basepool sample), never a whole 10M catalog.
+
+    Raises:
+        CodebookStageError: rows of different widths or with NaN/inf (the item is named).
+    """
+    from pyspark.sql import functions as F
+
+    first = df.select(F.size(column).alias("d")).first()
+    if first is None:
+        return [], np.zeros((0, 0), np.float32)
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    try:
+        for block_ids, block in _stream_blocks(df, {column: ("float32", int(first["d"]))}, df.count()):
+            ids.extend(block_ids)
+            parts.append(block[column])
+    except TrainStageError as exc:
+        raise CodebookStageError(str(exc)) from None
+    return ids, np.concatenate(parts) if parts else np.zeros((0, int(first["d"])), np.float32)
 
 
 def latest_codebook(ctx: StageContext) -> tuple[str, "ResidualCodebook", str]:
@@ -189,43 +202,142 @@ def latest_codebook(ctx: StageContext) -> tuple[str, "ResidualCodebook", str]:
     return latest.version, codebook_from_rows(rows), latest.model_id
 
 
+def _pack_blocks(batches: Any, columns: dict[str, tuple[str, int]]) -> Any:
+    """mapInArrow body: each Arrow batch of ``item_id`` + fixed-width array columns becomes
+    one row of packed little-endian blocks (``columns``: name -> (numpy dtype, width)), so
+    the driver receives a partition as a few large binary values, not per-row objects.
+
+    A row of the wrong width or with NaN/inf fails the task with ``ValueError: item
+    '<id>': ...`` (see :func:`_stream_blocks`)."""
+    import pyarrow as pa
+
+    for batch in batches:
+        n = batch.num_rows
+        if n == 0:
+            continue
+        ids = batch.column(schemas.ITEM_ID).to_pylist()
+        packed = [pa.array([ids], type=pa.list_(pa.string()))]
+        for name, (dtype, width) in columns.items():
+            col = batch.column(name)
+            lengths = np.diff(np.asarray(col.offsets))
+            if lengths.size and (lengths.min() != width or lengths.max() != width):
+                bad = int(np.argmax(lengths != width))
+                raise ValueError(f"item {ids[bad]!r}: '{name}' has {int(lengths[bad])} values, expected {width}")
+            values = col.values.to_numpy(zero_copy_only=False).reshape(n, width)
+            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                bad = int(np.argmin(np.isfinite(values).all(axis=1)))
+                raise ValueError(f"item {ids[bad]!r}: '{name}' has NaN or inf")
+            packed.append(pa.array([values.astype(dtype).tobytes()], type=pa.binary()))
+        yield pa.record_batch(packed, names=["ids", *columns])
+
+
+# Bytes of packed rows per partition the driver pulls at a time (at most a quarter of
+# spark.driver.maxResultSize, which each pulled partition must stay under).
+STREAM_PARTITION_BYTES = 64 * 2**20
+
+
+def _stream_blocks(df: "DataFrame", columns: dict[str, tuple[str, int]], n_rows: int) -> Any:
+    """``(ids, {column: (n, width) array})`` blocks of ``df`` in ``item_id`` order, one
+    partition at a time on the driver (``toLocalIterator``).
+
+    ``df`` is range-partitioned by ``item_id`` into partitions of about
+    :data:`STREAM_PARTITION_BYTES` (and under a quarter of ``spark.driver.maxResultSize``,
+    which toLocalIterator applies per partition), then sorted within each: driver memory
+    is one partition, whatever the catalog. At 10M x 2048-d float16 that is ~640
+    partitions of 64 MB, one small job each.
+
+    Raises:
+        TrainStageError: a row of the wrong width or with NaN/inf, naming the item.
+    """
+    import math
+
+    from pyspark.sql import types as T
+
+    from hymirec_udfs.core.spark import driver_result_limit
+
+    row_bytes = 64 + sum(np.dtype(dtype).itemsize * width for dtype, width in columns.values())
+    limit = driver_result_limit(df.sparkSession)
+    target = min(STREAM_PARTITION_BYTES, limit // 4) if limit else STREAM_PARTITION_BYTES
+    partitions = max(1, math.ceil(n_rows * row_bytes / max(target, 1)))
+    ordered = df.select(schemas.ITEM_ID, *columns).repartitionByRange(partitions, schemas.ITEM_ID) \
+        .sortWithinPartitions(schemas.ITEM_ID)
+    schema = T.StructType([T.StructField("ids", T.ArrayType(T.StringType()))]
+                          + [T.StructField(name, T.BinaryType()) for name in columns])
+    blocks = ordered.mapInArrow(lambda it: _pack_blocks(it, columns), schema)
+    try:
+        for row in blocks.toLocalIterator():
+            ids = row["ids"]
+            yield ids, {name: np.frombuffer(row[name], dtype=dtype).reshape(len(ids), width)
+                        for name, (dtype, width) in columns.items()}
+    except Exception as exc:  # a bad row surfaces from the executor inside a Py4J error
+        for line in str(exc).splitlines():
+            if line.startswith("ValueError: item "):
+                raise TrainStageError(line.removeprefix("ValueError: ")) from None
+        raise
+
+
 def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True) -> "ItemStore":
-    """Join current embeddings, item codes and the latest codebook into an ItemStore.
+    """The tables' catalog as an item store directory (current embeddings, codes, codebook).
+
+    Streamed: executors pack rows into binary blocks (``mapInArrow``), the driver pulls
+    one partition at a time (``toLocalIterator``) into an :class:`ItemStoreWriter`. Driver
+    memory is one partition's blocks (10M x 2048-d float16: ~640 range partitions of
+    64 MB, each under ``spark.driver.maxResultSize``), never the catalog. The store
+    is built once per input versions under ``<work_dir>/item_stores/`` and reused (train,
+    evaluate, its baselines and ablations open the same files).
 
     Raises:
         TrainStageError: items with an embedding but no code (named) while the codebook
-            is used, or a code table built from another codebook than the latest.
+            is used, a code table built from another codebook than the latest, or an
+            embedding of the wrong width or with NaN (named).
     """
-    from hymirec_udfs.recommender.item_store import ItemStore
+    import hashlib
 
-    emb = current_embeddings(ctx, cfg).select(schemas.ITEM_ID, "embedding").orderBy(schemas.ITEM_ID)
-    ids, matrix = to_matrix(emb)
-    n, d = matrix.shape
-    embeddings = np.zeros((n + 1, d), dtype=np.float32)
-    embeddings[1:] = matrix
-    if not need_codes and not ctx.store.exists(schemas.ITEM_CODES):
-        return ItemStore(ids, embeddings, np.zeros((n + 1, 1), np.int64), np.zeros((n + 1, 1), np.float32),
-                         np.zeros((1, 1, d), np.float32))
-    version, book, _ = latest_codebook(ctx)
-    codes_df = ctx.read(schemas.ITEM_CODES)
-    stale = codes_df.where(codes_df.codebook_version != version).limit(1).count()
-    if stale:
-        raise TrainStageError(f"'item_codes' holds codes of another codebook than the latest ({version}): run encode")
-    table = codes_df.select(schemas.ITEM_ID, "codes", "coefs").toArrow()
-    layers = book.num_layers
-    code_ids = table.column(schemas.ITEM_ID).to_pylist()
-    code_arr = table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, layers)
-    coef_arr = table.column("coefs").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, layers)
-    position = {item: i for i, item in enumerate(code_ids)}
-    missing = [item for item in ids if item not in position]
-    if missing:
-        raise TrainStageError(f"{len(missing)} items have an embedding but no code (e.g. {missing[:10]}): run encode")
-    rows = np.array([position[item] for item in ids])
-    codes = np.zeros((n + 1, layers), np.int64)
-    coefs = np.zeros((n + 1, layers), np.float32)
-    codes[1:], coefs[1:] = code_arr[rows], coef_arr[rows]
-    centroids = book.stacked_centroids("cpu").numpy()
-    return ItemStore(ids, embeddings, codes, coefs, centroids, codebook_metric=str(book.metric))
+    from pyspark.sql import functions as F
+
+    from hymirec_udfs.recommender.item_store import ItemStore, ItemStoreWriter
+
+    emb = current_embeddings(ctx, cfg).select(schemas.ITEM_ID, "embedding")
+    first = emb.select(F.size("embedding").alias("d")).first()
+    dim = int(first["d"]) if first else 0
+    dtype = cfg.train.item_store_dtype
+    with_codes = need_codes or ctx.store.exists(schemas.ITEM_CODES)
+    if with_codes:
+        version, book, _ = latest_codebook(ctx)
+        codes_df = ctx.read(schemas.ITEM_CODES)
+        stale = codes_df.where(codes_df.codebook_version != version).limit(1).count()
+        if stale:
+            raise TrainStageError(f"'item_codes' holds codes of another codebook than the latest ({version}): run encode")
+        joined = emb.join(codes_df.select(schemas.ITEM_ID, "codes", "coefs"), schemas.ITEM_ID, "left")
+        missing_codes = joined.where(F.col("codes").isNull())
+        n_missing = missing_codes.count()
+        if n_missing:
+            named = sorted(r[schemas.ITEM_ID] for r in missing_codes.select(schemas.ITEM_ID).limit(10).collect())
+            raise TrainStageError(f"{n_missing} items have an embedding but no code (e.g. {named}): run encode")
+        centroids, metric, layers = book.stacked_centroids("cpu").numpy(), str(book.metric), book.num_layers
+    else:
+        version, layers, metric = "", 0, "cosine"
+        centroids = np.zeros((1, 1, dim), np.float32)
+        joined = emb
+    key = json.dumps({"inputs": {k: v for k, v in sorted(ctx.input_versions.items())
+                                 if k in (schemas.ITEM_EMBEDDINGS, schemas.ITEM_CODES, schemas.CODEBOOKS)},
+                      "codes": with_codes, "dtype": dtype, "model": current_model_id(cfg.embed, ctx.store, cfg.stage1)},
+                     sort_keys=True)
+    directory = cfg.work_dir / "item_stores" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (directory / "meta.json").is_file():
+        return ItemStore.load(str(directory))
+    n = joined.count()
+    columns = {"embedding": (dtype, dim)}
+    if layers:
+        columns.update({"codes": ("int32", layers), "coefs": ("float32", layers)})
+    meta = {"embedding_model_id": current_model_id(cfg.embed, ctx.store, cfg.stage1), "codebook_version": version,
+            "input_versions": json.loads(key)["inputs"]}
+    with ItemStoreWriter(str(directory), n, dim, centroids, metric, layers=max(layers, 1), dtype=dtype,
+                         meta=meta) as writer:
+        for ids, block in _stream_blocks(joined, columns, n):
+            zeros = np.zeros((len(ids), 1))
+            writer.append(ids, block["embedding"], block.get("codes", zeros), block.get("coefs", zeros))
+    return ItemStore.load(str(directory))
 
 
 def trained_model(ctx: StageContext, cfg: Config) -> tuple[str, str]:

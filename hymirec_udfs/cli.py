@@ -191,7 +191,8 @@ def _run(args: argparse.Namespace, cfg: Any, command: str, t0: float) -> int:
 
 # Settings an operator checks first when a scheduled job misbehaves (reported per run).
 REPORTED_SPARK_CONF = ("spark.master", "spark.app.name", "spark.sql.shuffle.partitions",
-                       "spark.sql.execution.arrow.maxRecordsPerBatch", "spark.sql.session.timeZone")
+                       "spark.sql.execution.arrow.maxRecordsPerBatch", "spark.sql.session.timeZone",
+                       "spark.driver.maxResultSize")
 
 
 def spark_settings(spark: Any) -> dict[str, Optional[str]]:

@@ -154,3 +154,34 @@ def decode_item_codes(codes_df: "DataFrame", codebook: "ResidualCodebook") -> tu
     codes = table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, layers)
     coefs = table.column("coefs").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, layers)
     return table.column(schemas.ITEM_ID).to_pylist(), decode(codebook, codes, coefs)
+
+
+def catalog_code_stats(codes_df: "DataFrame", ks: "list[int]", *, dim: int, with_coefs: bool) -> dict[str, float]:
+    """:func:`~hymirec_udfs.codebook.stats.codebook_stats` of an ``item_codes`` table, by Spark
+    aggregation: the driver receives ``sum(ks)`` cluster sizes and a few scalars, whatever
+    the catalog's size (at 10M items the codes alone would be 60 MB of collect, plus the
+    collision sort on the driver).
+
+    Reconstruction p5 is ``percentile_approx`` (relative rank error 1e-4).
+    """
+    from pyspark.sql import functions as F
+
+    from hymirec_udfs.codebook.stats import stats_from_counts
+
+    row = codes_df.agg(F.count("*").alias("n"), F.avg("recon_cosine").alias("mean"),
+                       F.percentile_approx("recon_cosine", 0.05, 10000).alias("p5"),
+                       F.min("recon_cosine").alias("min")).first()
+    n = int(row["n"])
+    if n == 0:
+        from hymirec_udfs.codebook.blocks import CodebookInputError
+
+        raise CodebookInputError("codes are empty (0 rows)")
+    counts = (codes_df.select(F.posexplode("codes").alias("layer", "code"))
+              .groupBy("layer", "code").count().collect())
+    sizes = [np.zeros(int(k), dtype=np.int64) for k in ks]
+    for r in counts:
+        sizes[int(r["layer"])][int(r["code"])] = int(r["count"])
+    shared = (codes_df.groupBy("codes").count().where(F.col("count") > 1)
+              .agg(F.sum("count").alias("shared")).first()["shared"]) or 0
+    return stats_from_counts(n, ks, sizes, int(shared) / n, dim=dim, with_coefs=with_coefs,
+                             recon=(float(row["mean"]), float(row["p5"]), float(row["min"])))

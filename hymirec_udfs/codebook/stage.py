@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hymirec_udfs.artifacts import current_embeddings, latest_codebook, to_matrix
-from hymirec_udfs.codebook.spark import CodebookStageError, encode_catalog
+from hymirec_udfs.codebook.spark import CodebookStageError, catalog_code_stats, encode_catalog
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.devices import auto_device
@@ -97,11 +97,7 @@ def run_encode(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOu
     codes_df = encode_catalog(emb, codebook, version)
     ctx.store.overwrite(schemas.ITEM_CODES, codes_df)
 
-    table = ctx.store.read(schemas.ITEM_CODES).select("codes", "recon_cosine").toArrow()
-    codes = np.asarray(table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(
-        table.num_rows, codebook.num_layers)
-    recon = table.column("recon_cosine").to_numpy()
-    stats = codebook_stats(codes, codebook.ks, recon_cosine=recon, dim=codebook.dim,
-                           with_coefs=str(codebook.metric) == "cosine")
-    return StageOutput(rows={"items": int(table.num_rows)},
+    stats = catalog_code_stats(ctx.store.read(schemas.ITEM_CODES), list(codebook.ks), dim=codebook.dim,
+                               with_coefs=str(codebook.metric) == "cosine")
+    return StageOutput(rows={"items": int(stats["n_items"])},
                        summary={"version": version, "metric": str(codebook.metric), **stats})

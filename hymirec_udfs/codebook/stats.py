@@ -82,31 +82,50 @@ def codebook_stats(
     n = codes.shape[0]
     if n == 0:
         raise CodebookInputError("codes are empty (0 rows)")
-    stats: dict[str, float] = {"n_items": float(n)}
+    sizes = []
     for layer, k in enumerate(ks):
         column = codes[:, layer].astype(np.int64)
         if column.min() < 0 or column.max() >= k:
             raise CodebookInputError(f"layer {layer} has codes outside [0, {k})")
-        sizes = np.bincount(column, minlength=k).astype(np.float64)
-        p = sizes[sizes > 0] / n
-        stats[f"layer{layer}_cluster_size_min"] = float(sizes.min())
-        stats[f"layer{layer}_cluster_size_mean"] = float(n / k)
-        stats[f"layer{layer}_cluster_size_max"] = float(sizes.max())
-        stats[f"layer{layer}_imbalance"] = float(k * np.sum(sizes**2) / n**2)
-        stats[f"layer{layer}_used_fraction"] = float(np.count_nonzero(sizes) / k)
-        stats[f"layer{layer}_perplexity"] = float(np.exp(-np.sum(p * np.log(p))))
-    stats["collision_rate"] = _collision_rate(codes, ks)
-
-    bytes_per_item = sum(_code_bytes(k) for k in ks) + (2 * len(ks) if with_coefs else 0)
-    stats["bytes_per_item"] = float(bytes_per_item)
+        sizes.append(np.bincount(column, minlength=k))
     if dim is None and emb is not None:
         dim = int(emb.shape[1])
+    recon = None
+    if recon_cosine is not None:
+        rc = np.asarray(recon_cosine, dtype=np.float64)
+        recon = (float(rc.mean()), float(np.percentile(rc, 5)), float(rc.min()))
+    return stats_from_counts(n, ks, sizes, _collision_rate(codes, ks), dim=dim, with_coefs=with_coefs, recon=recon)
+
+
+def stats_from_counts(
+    n: int,
+    ks: Sequence[int],
+    sizes: Sequence[np.ndarray],
+    collision_rate: float,
+    *,
+    dim: int | None = None,
+    with_coefs: bool = True,
+    recon: tuple[float, float, float] | None = None,
+) -> dict[str, float]:
+    """:func:`codebook_stats` from aggregates: per layer the k cluster sizes, the collision
+    rate and (mean, p5, min) reconstruction cosine. This is what a distributed caller
+    (:func:`hymirec_udfs.codebook.spark.catalog_code_stats`) computes without the codes."""
+    stats: dict[str, float] = {"n_items": float(n)}
+    for layer, k in enumerate(ks):
+        layer_sizes = np.asarray(sizes[layer], dtype=np.float64)
+        p = layer_sizes[layer_sizes > 0] / n
+        stats[f"layer{layer}_cluster_size_min"] = float(layer_sizes.min())
+        stats[f"layer{layer}_cluster_size_mean"] = float(n / k)
+        stats[f"layer{layer}_cluster_size_max"] = float(layer_sizes.max())
+        stats[f"layer{layer}_imbalance"] = float(k * np.sum(layer_sizes**2) / n**2)
+        stats[f"layer{layer}_used_fraction"] = float(np.count_nonzero(layer_sizes) / k)
+        stats[f"layer{layer}_perplexity"] = float(np.exp(-np.sum(p * np.log(p))))
+    stats["collision_rate"] = float(collision_rate)
+    bytes_per_item = sum(_code_bytes(k) for k in ks) + (2 * len(ks) if with_coefs else 0)
+    stats["bytes_per_item"] = float(bytes_per_item)
     if dim is not None:
         stats["compression_vs_fp32"] = 4.0 * dim / bytes_per_item
         stats["compression_vs_bf16"] = 2.0 * dim / bytes_per_item
-    if recon_cosine is not None:
-        rc = np.asarray(recon_cosine, dtype=np.float64)
-        stats["recon_cosine_mean"] = float(rc.mean())
-        stats["recon_cosine_p5"] = float(np.percentile(rc, 5))
-        stats["recon_cosine_min"] = float(rc.min())
+    if recon is not None:
+        stats["recon_cosine_mean"], stats["recon_cosine_p5"], stats["recon_cosine_min"] = recon
     return stats

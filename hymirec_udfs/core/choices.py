@@ -60,6 +60,13 @@ class ItemAdapter(Choice):
     MLP_ID = "mlp_id"
 
 
+class StoreDtype(Choice):
+    """Embedding dtype of the item store directory."""
+
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
 class EmbedDtype(Choice):
     """Compute dtype of the content encoder (``auto``: bf16 on GPU, fp32 on CPU)."""
 
@@ -136,6 +143,7 @@ CONFIG_CHOICES: dict[str, type[Choice]] = {
     "dmil.matching": Matching,
     "train.model_type": ModelType,
     "model.item_adapter": ItemAdapter,
+    "train.item_store_dtype": StoreDtype,
     "evaluate.merge": MergeMode,
     "stage1.trainable": Trainable,
 }

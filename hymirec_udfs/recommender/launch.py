@@ -19,6 +19,7 @@ from hymirec_udfs.core.choices import ModelType
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.stage_api import StageContext
 from hymirec_udfs.recommender.data import TrainStageError
+from hymirec_udfs.recommender.item_store import link_or_copy_store
 from hymirec_udfs.training.launch import run_distributed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,8 +75,11 @@ def run_training(
                      sort_keys=True)
     run_dir = cfg.checkpoints_dir / f"{model_type}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    store_path = str(run_dir / "item_store.npz")
-    store.save(store_path)
+    store_path = str(run_dir / "item_store")
+    if store.path:  # the tables' store (artifacts.build_item_store): link its files, no copy
+        link_or_copy_store(store.path, store_path)
+    else:  # built in memory (an ablation's own codebook)
+        store.save(store_path, dtype=cfg.train.item_store_dtype)
     metrics_path = str(run_dir / "metrics.jsonl")
     kwargs = dict(
         model_type=model_type, model_cfg=cfg.model, dmil_cfg=cfg.dmil, train_cfg=cfg.train,
@@ -125,5 +129,5 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
             pip_requirements=["torch", "transformers", "hymirec"], **options,
         )
         ctx.logger.artifact(checkpoint, f"{prefix}checkpoint")
-        ctx.logger.artifact(str(Path(checkpoint).parent / "item_store.npz"), f"{prefix}checkpoint")
+        ctx.logger.artifact(str(Path(checkpoint).parent / "item_store"), f"{prefix}checkpoint/item_store")
         ctx.logger.tags({f"hymirec.{prefix}model_type": model_type, f"hymirec.{prefix}checkpoint": checkpoint})

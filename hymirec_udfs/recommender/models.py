@@ -23,6 +23,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from hymirec_udfs.core.choices import ItemAdapter, ModelType
 from hymirec_udfs.core.config import DmilConfig, ModelConfig
 from hymirec_udfs.recommender.dmil import dmil_loss, select_targets
 from hymirec_udfs.recommender.item_store import ItemStore
+from hymirec_udfs.recommender.sasrec import SASRec, recency_positions, score_against
 
 # TinyLlama-1.1B's decoder shape, for the GPU profile (random weights for speed work or a
 # real checkpoint through ``llm_checkpoint``). Keys are ModelConfig fields.
@@ -52,33 +54,12 @@ POSITION_TO_CONTENT = 0.5
 CONTENT_SCALE_SAMPLE = 256
 
 
-def recency_positions(idx: torch.Tensor) -> torch.Tensor:
-    """Position of each entry counted from the most recent valid one (0), pads get 0.
-
-    Args:
-        idx: (B, L) indices, 0 = padding, left-padded.
-
-    Returns:
-        (B, L) long positions.
-    """
-    valid = (idx != 0).long()
-    after = valid.flip(1).cumsum(1).flip(1)  # valid entries at or after each position
-    return (after - 1).clamp(min=0) * valid
-
-
-def score_against(user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
-    """``max_j <u_j, v_i>`` for every user and item.
-
-    Args:
-        user_vecs: (B, s, d).
-        item_vecs: (M, d), or (B, M, d) for per-user item lists.
-
-    Returns:
-        (B, M) scores.
-    """
-    if item_vecs.dim() == 2:
-        return torch.einsum("bsd,md->bsm", user_vecs, item_vecs).amax(1)
-    return torch.einsum("bsd,bmd->bsm", user_vecs, item_vecs).amax(1)
+def _shared_tensor(arr: Any) -> torch.Tensor:
+    """A tensor over ``arr``'s memory (no copy) where numpy allows it, else a copy."""
+    arr = np.asarray(arr) if not isinstance(arr, np.ndarray) else arr
+    if arr.flags.writeable and arr.flags.c_contiguous:
+        return torch.from_numpy(arr)
+    return torch.from_numpy(np.ascontiguousarray(arr).copy())
 
 
 def _linear_or_identity(d_in: int, d_out: int) -> nn.Module:
@@ -269,9 +250,11 @@ class HyMiRec(nn.Module):
         self.dim = item_store.dim
         self.max_long = max_long
         self.max_recent = max_recent
-        self.register_buffer("item_embeddings", torch.from_numpy(item_store.embeddings.copy()), persistent=False)
-        self.register_buffer("item_codes", torch.from_numpy(item_store.codes.copy()), persistent=False)
-        self.register_buffer("item_coefs", torch.from_numpy(item_store.coefs.copy()), persistent=False)
+        # Views of the store's arrays, not copies: a memory-mapped float16 store stays
+        # mapped (shared by the node's ranks); rows are cast to float32 as gathered.
+        self.register_buffer("item_embeddings", _shared_tensor(item_store.embeddings), persistent=False)
+        self.register_buffer("item_codes", _shared_tensor(item_store.codes), persistent=False)
+        self.register_buffer("item_coefs", _shared_tensor(item_store.coefs), persistent=False)
         self.register_buffer("centroids", torch.from_numpy(item_store.centroids.copy()), persistent=False)
 
         self.llm, hidden = build_llm(cfg, cfg.coarse_queries * cfg.use_light + max_recent + cfg.interests)
@@ -305,7 +288,7 @@ class HyMiRec(nn.Module):
         of the projected content's, and the indicator with the norm of a projected recent
         item (the content tokens it tells the coarse tokens apart from).
         """
-        sample = self.item_embeddings[1 : 1 + CONTENT_SCALE_SAMPLE]
+        sample = self.item_embeddings[1 : 1 + CONTENT_SCALE_SAMPLE].float()
         sample = sample[torch.isfinite(sample).all(dim=-1)]  # bad rows fail later, named
         if not len(sample):
             return
@@ -348,13 +331,17 @@ class HyMiRec(nn.Module):
         Without an adapter these are the content embeddings themselves; with one,
         ``normalize(e + MLP(e) [+ id(i)])``.
         """
-        emb = self.item_embeddings[idx]
+        emb = self.content(idx)
         if self.adapter is None:
             return emb
         out = emb + self.adapter(emb)
         if self.item_id is not None:
             out = out + self.item_id(idx)
         return F.normalize(out.float(), dim=-1) * (idx != 0)[..., None]
+
+    def content(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx.shape + (D,)`` float32 content embeddings (the store may hold float16)."""
+        return self.item_embeddings[idx].float()
 
     def decode_items(self, idx: torch.Tensor) -> torch.Tensor:
         """Codebook reconstructions ``e_hat`` of catalog items, L2-normalised.
@@ -379,7 +366,7 @@ class HyMiRec(nn.Module):
         """The long-history inputs: reconstructions (``use_codebook``) or full embeddings."""
         if self.cfg.use_codebook:
             return self.decode_items(idx)
-        return self.item_embeddings[idx]
+        return self.content(idx)
 
     def item_vectors(self) -> torch.Tensor:
         """(N+1, D) unit item vectors items are ranked with (row 0 zeros).
@@ -388,7 +375,7 @@ class HyMiRec(nn.Module):
         (15 GB at 10M x 384-d); the serving path scores chunks with ``item_vectors_of``.
         """
         if self.adapter is None:
-            return self.item_embeddings
+            return self.item_embeddings.float()
         idx = torch.arange(self.n_items + 1, device=self.item_embeddings.device)
         return self.item_vectors_of(idx)
 
@@ -449,7 +436,7 @@ class HyMiRec(nn.Module):
             coarse = self.coarse_interests(long_idx)
             parts.append(coarse)
             masks.append(torch.ones(bsz, coarse.shape[1], dtype=torch.long, device=device))
-        recent = self.recent_in(self.item_embeddings[recent_idx])
+        recent = self.recent_in(self.content(recent_idx))
         parts.append(recent)
         masks.append((recent_idx != 0).long())
         queries = self.refined_queries.expand(bsz, -1, -1)
@@ -477,113 +464,6 @@ class HLLMSingle(HyMiRec):
     def __init__(self, cfg: ModelConfig, item_store: ItemStore, **kwargs: Any) -> None:
         single = dataclasses.replace(cfg, use_light=False, use_indicator=False, interests=1)
         super().__init__(single, item_store, **kwargs)
-
-
-class SASRec(nn.Module):
-    """SASRec baseline: item-ID embeddings, causal self-attention, full softmax.
-
-    Reads the recent window only (its sequence length is the window n). Width, depth,
-    heads and dropout come from the ``light_*`` / ``dropout`` fields of ModelConfig.
-    Training predicts the next item at every position of the window (the last position's
-    next item is the first target) with cross-entropy over the whole catalog. Ranking
-    uses the raw dot product with the ID embedding table (``similarity = "dot"``).
-
-    Args:
-        cfg: model configuration.
-        item_store: catalog (only its size is used).
-        max_recent: longest recent window (position table size).
-    """
-
-    similarity = "dot"
-
-    def __init__(self, cfg: ModelConfig, item_store: ItemStore, *, max_recent: int = 256, **_: Any) -> None:
-        super().__init__()
-        width, heads = cfg.light_width, cfg.light_heads
-        if width < 1 or heads < 1 or width % heads:
-            raise ValueError(f"model.light_width ({width}) must be a positive multiple of model.light_heads ({heads})")
-        self.cfg = cfg
-        self.n_items = item_store.n_items
-        self.max_recent = max_recent
-        self.width = width
-        self.item_emb = nn.Embedding(self.n_items + 1, width, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=width**-0.5)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-        self.pos_emb = nn.Embedding(max_recent, width)
-        self.emb_drop = nn.Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(
-            d_model=width,
-            nhead=heads,
-            dim_feedforward=4 * width,
-            dropout=cfg.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.blocks = nn.TransformerEncoder(layer, max(1, cfg.light_layers), norm=nn.LayerNorm(width),
-                                            enable_nested_tensor=False)
-        self.heads = heads
-
-    def item_vectors(self) -> torch.Tensor:
-        """(N+1, d) ID embeddings (row 0 padding)."""
-        return self.item_emb.weight
-
-    def score_items(self, user_vecs: torch.Tensor) -> torch.Tensor:
-        """(B, N+1) dot-product scores."""
-        return score_against(user_vecs, self.item_vectors())
-
-    def encode(self, recent_idx: torch.Tensor) -> torch.Tensor:
-        """(B, n, d) hidden state at every position of the window."""
-        n = recent_idx.shape[1]
-        if n > self.max_recent:
-            raise ValueError(f"recent window of {n} items exceeds max_recent={self.max_recent}")
-        x = self.item_emb(recent_idx) * math.sqrt(self.width) + self.pos_emb(recency_positions(recent_idx))
-        x = self.emb_drop(x)
-        valid = recent_idx != 0
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        allowed = causal[None] & valid[:, None, :]
-        # A left pad has no earlier real item: letting it see itself keeps its row finite
-        # (an all-masked softmax row is NaN and NaN * 0 would leak into real rows).
-        allowed = allowed | torch.eye(n, dtype=torch.bool, device=x.device)[None]
-        attn_mask = (~allowed).repeat_interleave(self.heads, dim=0)  # True = blocked
-        return self.blocks(x, mask=attn_mask)
-
-    def forward(
-        self, long_idx: torch.Tensor, recent_idx: torch.Tensor, next_idx: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """User vector after the last item, or the training loss.
-
-        Args:
-            long_idx: ignored (SASRec reads the recent window only).
-            recent_idx: (B, n) window, left-padded.
-            next_idx: (B,) the item after the window; when given, the next-item loss is
-                returned instead (so DDP's forward hook covers training too).
-
-        Returns:
-            (B, 1, d) user vectors, or the scalar loss of :meth:`next_item_loss`.
-        """
-        if next_idx is not None:
-            return self.next_item_loss(recent_idx, next_idx)
-        return self.encode(recent_idx)[:, -1:]
-
-    def next_item_loss(self, recent_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
-        """Full-softmax cross-entropy of the next item at every real position.
-
-        Args:
-            recent_idx: (B, n) window, left-padded.
-            next_idx: (B,) the item after the window (0 = none).
-
-        Returns:
-            Scalar mean loss over predicted positions.
-        """
-        hidden = self.encode(recent_idx)  # (B, n, d)
-        labels = torch.cat([recent_idx[:, 1:], next_idx[:, None]], dim=1)
-        keep = (recent_idx != 0) & (labels != 0)
-        if not bool(keep.any()):
-            return hidden.sum() * 0.0  # nothing to predict; cross_entropy of nothing is NaN
-        logits = hidden[keep].float() @ self.item_emb.weight.float().T  # (P, N+1)
-        logits[:, 0] = -float("inf")  # padding is never a prediction
-        return F.cross_entropy(logits, labels[keep])
 
 
 def effective_model_config(model_type: str, cfg: ModelConfig, dmil_cfg: Optional[DmilConfig] = None) -> ModelConfig:
@@ -694,7 +574,7 @@ def model_loss(
         target_emb, neg_emb = vecs[: target_idx.numel()].view(*target_idx.shape, -1), vecs[target_idx.numel():]
     else:
         interests = model(batch.long_idx, batch.recent_idx)
-        target_emb, neg_emb = inner.item_embeddings[target_idx], inner.item_embeddings[neg_ids]
+        target_emb, neg_emb = inner.content(target_idx), inner.content(neg_ids)
     return dmil_loss(
         interests,
         target_emb,

@@ -228,7 +228,7 @@ def train(
         model_cfg: model section (default ``ModelConfig()``).
         dmil_cfg: DMIL section (default ``DmilConfig()``).
         train_cfg: training section (default ``TrainConfig()``).
-        item_store_path: ``.npz`` written by :meth:`ItemStore.save`.
+        item_store_path: an item store directory (:meth:`ItemStore.save`; a legacy ``.npz`` too).
         train_files: Parquet files of the ``sequences`` table (one row per user; the rank
             reads its users' rows and cuts the training samples).
         valid_files: Parquet files the validation samples are cut from (may be the same).

@@ -109,7 +109,7 @@ def test_two_variants_end_to_end(spark, make_cfg, tiny_llama_dir, monkeypatch: p
     assert {t: store.version(t) for t in tables_before} == tables_before
     per_user = store.read(schemas.EVAL_PER_USER).where(f"run_id = '{job.run_id}-euclidean_codebook'").count()
     assert per_user == job.summary["test_users"]
-    stores = [ItemStore.load(str(p)) for p in cfg.checkpoints_dir.glob("hymirec-*/item_store.npz")]
+    stores = [ItemStore.load(str(p)) for p in cfg.checkpoints_dir.glob("hymirec-*/item_store")]
     assert sorted(s.codebook_metric for s in stores) == ["cosine", "euclidean"]
     euclid = next(s for s in stores if s.codebook_metric == "euclidean")
     assert np.all(euclid.coefs[1:] == 1.0) and euclid.codes.shape[1] == 2 and euclid.centroids.shape[1] == 8

@@ -30,7 +30,7 @@ def _spark_submit() -> str:
     return str(packaged)
 
 
-def _submit(tmp_path: Path, *job_args: str, submit_args: tuple[str, ...] = ()
+def _submit(tmp_path: Path, *job_args: str, submit_args: tuple[str, ...] = (), script: str = "",
             ) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
     from hymirec_udfs.core.spark import ensure_java
 
@@ -40,9 +40,9 @@ def _submit(tmp_path: Path, *job_args: str, submit_args: tuple[str, ...] = ()
     cmd = [
         _spark_submit(), "--master", "local[2]", "--driver-memory", "2g",
         "--conf", f"spark.local.dir={tmp_path / 'spark-local'}", "--conf", "spark.ui.enabled=false", *submit_args,
-        str(REPO / "jobs" / "ingest.py"),
-        "--profile", "local", "--set", f"paths.work_dir={tmp_path / 'work'}", "--set", "tracking.enabled=false",
-        "--run-date", "2026-01-01", *job_args,
+        script or str(REPO / "jobs" / "ingest.py"),
+        *([] if script else ["--profile", "local"]), "--set", f"paths.work_dir={tmp_path / 'work'}",
+        "--set", "tracking.enabled=false", "--run-date", "2026-01-01", *job_args,
     ]
     # cwd: spark-warehouse/, derby.log and friends land in tmp, not in the repository.
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
@@ -100,3 +100,48 @@ def test_spark_submit_with_the_wheel_shipped_in_py_files(tmp_path: Path) -> None
     assert proc.returncode == 0 and result["status"] == "success", result
     assert result["rows"]["items"] == 1682
 
+
+
+# A catalog whose embeddings alone (2,500 x 384 float32 = 3.8 MB) are several times the
+# driver's result limit below; a tiny model and one epoch keep the run short.
+BOUNDED = [
+    "ingest.source=synthetic", "synthetic.n_items=2500", "synthetic.n_users=120", "synthetic.mean_history=12",
+    "embed.max_tokens=16", "codebook.ks=[16, 16]", "codebook.iters=4",
+    "sequences.recent_window=5", "sequences.max_long=10", "sequences.max_samples_per_user=4",
+    "model.llm_hidden=32", "model.llm_layers=1", "model.llm_heads=2", "model.llm_kv_heads=2",
+    "model.llm_intermediate=64", "model.light_width=32", "model.light_heads=2", "model.light_layers=1",
+    "dmil.negatives=32", "train.epochs=1", "train.batch_size=64", "train.warmup_steps=2", "train.num_processes=1",
+    "evaluate.baselines=[]", "evaluate.chunk_items=512",
+]
+
+
+def test_pipeline_with_driver_result_limit_below_the_catalog(tmp_path: Path) -> None:
+    """Codebook, train and evaluate with spark.driver.maxResultSize (1 MB) far below the
+    catalog's embeddings (3.8 MB): the item store and the statistics are streamed or
+    aggregated, never collected whole; a plain collect of the table does fail there."""
+    script = tmp_path / "run_pipeline.py"
+    script.write_text(
+        "import sys\n"
+        "from hymirec_udfs.cli import main\n"
+        "code = main(['pipeline', 'run', '--profile', 'local', *sys.argv[1:]])\n"
+        "from hymirec_udfs.core.config import load_config\n"
+        "from hymirec_udfs.core.spark import get_spark\n"
+        "from hymirec_udfs.core.tables import get_table_store\n"
+        "sets = [a for i, a in enumerate(sys.argv[1:]) if sys.argv[i] == '--set']\n"
+        "cfg = load_config(['local'], sets)\n"
+        "spark = get_spark(cfg)\n"
+        "try:\n"
+        "    get_table_store(spark, cfg).read('item_embeddings').toArrow()\n"
+        "    print('CONTROL collected')\n"
+        "except Exception as exc:\n"
+        "    print('CONTROL failed:', 'maxResultSize' in str(exc))\n"
+        "sys.exit(code)\n")
+    sets = [arg for item in BOUNDED for arg in ("--set", item)]
+    proc, result = _submit(tmp_path, *sets, script=str(script),
+                           submit_args=("--conf", "spark.driver.maxResultSize=1m"))
+    assert result["status"] == "success", result
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert result["spark"]["spark.driver.maxResultSize"] == "1m"
+    assert "CONTROL failed: True" in proc.stdout  # the limit does bite a whole-catalog collect
+    ran = {stage for stage, status in result["stages"].items() if status == "success"}
+    assert {"fit_codebook", "encode_items", "train", "evaluate"} <= ran, result

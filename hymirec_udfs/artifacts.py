@@ -276,7 +276,8 @@ def _stream_blocks(df: "DataFrame", columns: dict[str, tuple[str, int]], n_rows:
         raise
 
 
-def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True) -> "ItemStore":
+def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
+                     embeddings_only: bool = False) -> "ItemStore":
     """The tables' catalog as an item store directory (current embeddings, codes, codebook).
 
     Streamed: executors pack rows into binary blocks (``mapInArrow``), the driver pulls
@@ -301,13 +302,16 @@ def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True)
     first = emb.select(F.size("embedding").alias("d")).first()
     dim = int(first["d"]) if first else 0
     dtype = cfg.train.item_store_dtype
-    with_codes = need_codes or ctx.store.exists(schemas.ITEM_CODES)
+    # embeddings_only: today's catalog for serving, whatever item_codes holds (new items
+    # have no code until encode runs; serving scores content).
+    with_codes = not embeddings_only and (need_codes or ctx.store.exists(schemas.ITEM_CODES))
     if with_codes:
         version, book, _ = latest_codebook(ctx)
         codes_df = ctx.read(schemas.ITEM_CODES)
         stale = codes_df.where(codes_df.codebook_version != version).limit(1).count()
         if stale:
-            raise TrainStageError(f"'item_codes' holds codes of another codebook than the latest ({version}): run encode")
+            raise TrainStageError(
+                f"'item_codes' holds codes of another codebook than the latest ({version}): run encode")
         joined = emb.join(codes_df.select(schemas.ITEM_ID, "codes", "coefs"), schemas.ITEM_ID, "left")
         missing_codes = joined.where(F.col("codes").isNull())
         n_missing = missing_codes.count()

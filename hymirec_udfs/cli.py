@@ -166,6 +166,7 @@ def _run(args: argparse.Namespace, cfg: Any, command: str, t0: float) -> int:
             from hymirec_udfs.evaluation.report import print_latest
 
             print(print_latest(spark, cfg))
+            _print_recommendation_sample(spark, cfg)
             _result({"command": command, "status": "success"})
             return EXIT_OK
         if getattr(args, "variants", ""):
@@ -187,6 +188,26 @@ def _run(args: argparse.Namespace, cfg: Any, command: str, t0: float) -> int:
         print(f"hymirec: {exc}", file=sys.stderr)
         _result({"command": command, "status": "failed", "stage": exc.stage, "error": str(exc.error)})
         return EXIT_STAGE_FAILED
+
+
+def _print_recommendation_sample(spark: Any, cfg: Any) -> None:
+    """The latest as-of date's serving tables in a few lines (after ``hymirec report``)."""
+    from pyspark.sql import functions as F
+
+    from hymirec_udfs.core import schemas
+    from hymirec_udfs.core.tables import get_table_store
+    from hymirec_udfs.recommend.sample import sample_text
+
+    store = get_table_store(spark, cfg)
+    if not store.exists(schemas.RECOMMENDATIONS):
+        return
+    latest = store.read(schemas.RECOMMENDATIONS).agg(F.max(schemas.AS_OF_DATE).alias("d")).first()["d"]
+    if latest is None:
+        return
+    users = store.read(schemas.RECOMMENDATIONS).where(F.col(schemas.AS_OF_DATE) == latest) \
+        .select(schemas.USER_ID).distinct().count()
+    print(f"\nrecommendations as of {latest}: {users} users (table 'recommendations', 'user_interests')")
+    print(sample_text(spark, cfg, latest.isoformat()))
 
 
 # Settings an operator checks first when a scheduled job misbehaves (reported per run).

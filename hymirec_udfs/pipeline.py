@@ -72,6 +72,11 @@ STAGES: dict[str, StageSpec] = {
             (schemas.EVAL_PER_USER, schemas.EVAL_METRICS),
             ("embed", "codebook", "sequences", "model", "dmil", "train", "evaluate"), "evaluate",
         ),
+        StageSpec(
+            "recommend", "hymirec_udfs.recommend.stage:run", (schemas.SEQUENCES, schemas.ITEM_EMBEDDINGS),
+            (schemas.USER_INTERESTS, schemas.RECOMMENDATIONS), ("embed", "recommend"), "recommend",
+            fingerprint="hymirec_udfs.recommend.stage:as_of_fingerprint",
+        ),
     ]
 }
 

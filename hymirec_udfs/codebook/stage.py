@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 
 from hymirec_udfs.artifacts import current_embeddings, latest_codebook, to_matrix
 from hymirec_udfs.codebook.spark import CodebookStageError, catalog_code_stats, encode_catalog
@@ -79,7 +78,6 @@ def run_fit(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutpu
 
 def run_encode(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     """Assign every current item embedding to codes and replace ``item_codes``."""
-    from hymirec_udfs.codebook.stats import codebook_stats
 
     version, codebook, book_model = latest_codebook(ctx)
     emb = current_embeddings(ctx, cfg)

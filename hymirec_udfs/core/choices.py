@@ -60,6 +60,13 @@ class ItemAdapter(Choice):
     MLP_ID = "mlp_id"
 
 
+class Retrieval(Choice):
+    """How ``recommend`` finds each user's top-K items."""
+
+    EXACT = "exact"
+    ANN = "ann"
+
+
 class StoreDtype(Choice):
     """Embedding dtype of the item store directory."""
 
@@ -144,6 +151,7 @@ CONFIG_CHOICES: dict[str, type[Choice]] = {
     "train.model_type": ModelType,
     "model.item_adapter": ItemAdapter,
     "train.item_store_dtype": StoreDtype,
+    "recommend.retrieval": Retrieval,
     "evaluate.merge": MergeMode,
     "stage1.trainable": Trainable,
 }

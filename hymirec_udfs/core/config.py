@@ -377,6 +377,37 @@ class EvaluateConfig:
 
 
 @dataclass
+class RecommendConfig:
+    """The serving outputs: ``user_interests`` and top-K ``recommendations`` per as-of date.
+
+    Attributes:
+        top_k: recommendations per user.
+        exclude_history: never recommend an item the user already interacted with.
+        per_interest_quota: every interest contributes (about ``top_k / s`` items each,
+            round-robin over the interests' own lists); False ranks by the max over
+            interests.
+        retrieval: ``exact`` (chunked full-catalog scoring, the evaluation code) or ``ann``
+            (a faiss IVF index over the item index; GPU when faiss sees one).
+        ann_nlist: IVF lists (0: ``4 * sqrt(N)``, at least 1).
+        ann_nprobe: lists searched per query (0: ``max(8, nlist / 8)``).
+        model_run_id: MLflow run of the model to serve; empty: the latest successful
+            ``train`` run (the registry's ``champion`` once registered).
+        batch_users: users per forward pass and scoring batch in an executor.
+        chunk_items: catalog items scored per matmul chunk (exact retrieval).
+    """
+
+    top_k: int = 100
+    exclude_history: bool = True
+    per_interest_quota: bool = False
+    retrieval: str = "exact"
+    ann_nlist: int = 0
+    ann_nprobe: int = 0
+    model_run_id: str = ""
+    batch_users: int = 256
+    chunk_items: int = 65536
+
+
+@dataclass
 class Stage1Config:
     """Content encoder fine-tuning (HLLM-style) before embedding.
 
@@ -423,6 +454,7 @@ class Config:
     dmil: DmilConfig = field(default_factory=DmilConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
 
     # Derived locations ---------------------------------------------------------------

@@ -24,6 +24,8 @@ ITEM_CODES = "item_codes"
 SEQUENCES = "sequences"
 EVAL_PER_USER = "eval_per_user"
 EVAL_METRICS = "eval_metrics"
+USER_INTERESTS = "user_interests"
+RECOMMENDATIONS = "recommendations"
 JOB_RUNS = "job_runs"
 
 # Column names shared across tables ---------------------------------------------------------
@@ -37,6 +39,8 @@ CONTENT_HASH = "content_hash"
 # Position of an interaction in its source (file line order; see ingest.sources); breaks
 # ties in time everywhere, so no id order leaks into the sequences.
 SOURCE_ORDER = "source_order"
+# serving tables: each run replaces the rows of its as-of date
+AS_OF_DATE = "as_of_date"
 # sequences: one row per user
 ITEM_IDS = "item_ids"
 TIMESTAMPS = "timestamps"
@@ -149,6 +153,28 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             pa.field("users", pa.int64(), nullable=False),
             pa.field("users_target_absent", pa.int64(), nullable=False),
             pa.field("evaluated_at", _TS, nullable=False),
+        ]
+    ),
+    USER_INTERESTS: pa.schema(
+        [
+            pa.field(USER_ID, pa.string(), nullable=False),
+            pa.field("interest", pa.int32(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32()), nullable=False),  # L2-normalised
+            pa.field("model_name", pa.string(), nullable=False),
+            pa.field("model_version", pa.string(), nullable=False),
+            pa.field("codebook_version", pa.string(), nullable=False),
+            pa.field(AS_OF_DATE, pa.date32(), nullable=False),
+        ]
+    ),
+    RECOMMENDATIONS: pa.schema(
+        [
+            pa.field(USER_ID, pa.string(), nullable=False),
+            pa.field("rank", pa.int32(), nullable=False),  # 1 = best
+            pa.field(ITEM_ID, pa.string(), nullable=False),
+            pa.field("score", pa.float32(), nullable=False),
+            pa.field("interest", pa.int32(), nullable=False),  # the interest that retrieved it
+            pa.field("model_version", pa.string(), nullable=False),
+            pa.field(AS_OF_DATE, pa.date32(), nullable=False),
         ]
     ),
     JOB_RUNS: pa.schema(

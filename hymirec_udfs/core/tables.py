@@ -153,6 +153,20 @@ class TableStore(ABC):
             return self._write(name, df, "overwrite")
         return self._merge(name, df, keys)
 
+    def replace_where(self, name: str, df: "DataFrame", predicate: str) -> int:
+        """Replace the rows matching ``predicate`` with ``df`` in one commit (every row of
+        ``df`` must match it); other rows stay. Creates a missing table. This is how a
+        dated output is re-run idempotently (``as_of_date = '2026-01-02'``).
+        """
+        df = conform(df, name)
+        if not self.exists(name):
+            return self._write(name, df, "overwrite")
+        return self._replace_where(name, df, predicate)
+
+    @abstractmethod
+    def _replace_where(self, name: str, df: "DataFrame", predicate: str) -> int:
+        """Engine-specific replaceWhere of a conformed DataFrame."""
+
     @abstractmethod
     def files(self, name: str, version: Optional[int] = None) -> list[str]:
         """Data files (URIs) of the snapshot; trainers shard these between ranks."""
@@ -316,6 +330,18 @@ class DeltaRsStore(TableStore):
             shutil.rmtree(staging, ignore_errors=True)
         return self.version(name)
 
+    def _replace_where(self, name: str, df: "DataFrame", predicate: str) -> int:
+        from deltalake import write_deltalake
+
+        staging = self._stage(name, df)
+        try:
+            # delta-rs checks that every new row matches the predicate, as Spark's replaceWhere.
+            write_deltalake(self.location(name), self._batches(staging, schemas.arrow_schema(name)),
+                            mode="overwrite", predicate=predicate)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.version(name)
+
     def delete(self, name: str, predicate: str) -> int:
         table = self._table(name)
         table.delete(predicate)
@@ -397,6 +423,14 @@ class SparkDeltaStore(TableStore):
             .whenNotMatchedInsertAll()
             .execute()
         )
+        return self.version(name)
+
+    def _replace_where(self, name: str, df: "DataFrame", predicate: str) -> int:
+        writer = df.write.format("delta").mode("overwrite").option("replaceWhere", predicate)
+        if self.use_catalog:
+            writer.saveAsTable(self.location(name))
+        else:
+            writer.save(self.location(name))
         return self.version(name)
 
     def delete(self, name: str, predicate: str) -> int:

@@ -84,7 +84,8 @@ def write_report(
         # Aggregated in Spark: sum(ks) cluster sizes, and a bounded sample of cosines for
         # the histogram -- never the catalog's codes on the driver.
         codes_df = ctx.store.read(schemas.ITEM_CODES)
-        counts = codes_df.select(F.posexplode("codes").alias("layer", "code")).groupBy("layer", "code").count().collect()
+        exploded = codes_df.select(F.posexplode("codes").alias("layer", "code"))
+        counts = exploded.groupBy("layer", "code").count().collect()
         by_layer: dict[int, list[int]] = {}
         for r in counts:
             by_layer.setdefault(int(r["layer"]), []).append(int(r["count"]))

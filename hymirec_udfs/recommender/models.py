@@ -339,6 +339,28 @@ class HyMiRec(nn.Module):
             out = out + self.item_id(idx)
         return F.normalize(out.float(), dim=-1) * (idx != 0)[..., None]
 
+    def ranking_vectors(self, content: torch.Tensor, model_idx: torch.Tensor) -> torch.Tensor:
+        """Ranking vectors of catalog items -- also items this model never saw -- from
+        their content embeddings (the serving path: today's catalog, not the store frozen
+        at training).
+
+        Args:
+            content: ``(n, D)`` content embeddings of the items.
+            model_idx: ``(n,)`` each item's index in this model's store, 0 for an item
+                added after training (cold start: scored by its content through the MLP
+                tower; the ID table has nothing for it).
+
+        Returns:
+            ``(n, D)`` unit vectors; equal to :meth:`item_vectors_of` for known items.
+        """
+        content = content.float()
+        if self.adapter is None:
+            return F.normalize(content, dim=-1)
+        out = content + self.adapter(content)
+        if self.item_id is not None:
+            out = out + self.item_id(model_idx)  # the padding row 0 is zero and never trained
+        return F.normalize(out, dim=-1)
+
     def content(self, idx: torch.Tensor) -> torch.Tensor:
         """``idx.shape + (D,)`` float32 content embeddings (the store may hold float16)."""
         return self.item_embeddings[idx].float()

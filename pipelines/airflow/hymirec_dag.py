@@ -8,7 +8,7 @@ appends a ``job_runs`` row, so a retry (or a backfill) simply runs the stage aga
 Chain::
 
     ingest >> stage1_gate >> train_content_encoder >> embed_items >> fit_codebook
-           >> encode_items >> build_sequences >> train >> evaluate
+           >> encode_items >> build_sequences >> train >> evaluate >> recommend
     ingest >> embed_items            (embed_items runs when stage 1 is skipped)
 
 Where things come from, per run (the ``params`` of a manual trigger) or per deployment
@@ -46,6 +46,7 @@ STAGES: tuple[tuple[str, str, bool], ...] = (
     ("build_sequences", "build_sequences.py", False),
     ("train", "train.py", True),
     ("evaluate", "evaluate.py", False),
+    ("recommend", "recommend.py", False),
 )
 STAGE1 = ("train_content_encoder", "train_content_encoder.py", True)
 
@@ -101,7 +102,7 @@ def spark_stage(task_id: str, job_file: str, gpu: bool, **kwargs: object) -> Spa
 
 with DAG(
     dag_id=DAG_ID,
-    description="HyMiRec: ingest, embed, codebook, sequences, train, evaluate (spark-submit per stage)",
+    description="HyMiRec: ingest, embed, codebook, sequences, train, evaluate, recommend (spark-submit per stage)",
     schedule="@daily",
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,

@@ -16,7 +16,7 @@ ALL = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 
 EXPECTED = [
     "00_end_to_end.py", "01_ingest.py", "02_train_content_encoder.py", "03_embed_items.py", "04_fit_codebook.py",
-    "05_encode_items.py", "06_build_sequences.py", "07_train.py", "08_evaluate.py",
+    "05_encode_items.py", "06_build_sequences.py", "07_train.py", "08_evaluate.py", "09_recommend.py",
 ]
 
 

@@ -32,9 +32,11 @@ def test_whole_pipeline_then_noop_rerun(spark, make_cfg, tiny_llama_dir) -> None
     jobs = run_pipeline(spark, cfg, echo=lines.append)
     assert [j.stage for j in jobs] == [s for s in (
         "ingest", "train_content_encoder", "embed_items", "fit_codebook", "encode_items", "build_sequences", "train",
-        "evaluate") if s in {j.stage for j in jobs}]
+        "evaluate", "recommend") if s in {j.stage for j in jobs}]
     ran = {j.stage: j for j in jobs if not j.skipped}
-    assert {"ingest", "embed_items", "fit_codebook", "encode_items", "build_sequences", "train", "evaluate"} <= set(ran)
+    assert {"ingest", "embed_items", "fit_codebook", "encode_items", "build_sequences", "train", "evaluate",
+            "recommend"} <= set(ran)
+    assert ran["recommend"].row_counts["users"] == 40  # every user served
 
     store = get_table_store(spark, cfg)
     assert store.count(schemas.ITEMS) == 150 == store.count(schemas.ITEM_EMBEDDINGS) == store.count(schemas.ITEM_CODES)

@@ -376,7 +376,7 @@ def test_spark_dag_chains_one_spark_submit_per_stage(dagbag: dict[str, Any]) -> 
     assert tasks["stage1_gate"]["downstream"] == ["train_content_encoder"]
     assert tasks["embed_items"]["upstream"] == ["ingest", "train_content_encoder"]
     assert tasks["embed_items"]["trigger_rule"] == "none_failed"
-    assert tasks["evaluate"]["downstream"] == []
+    assert tasks["recommend"]["downstream"] == []
     # The gate skips stage 1 unless the run asks for it.
     assert tasks["stage1_gate"]["rendered"] == {"default": False, "custom": True}
 

@@ -153,3 +153,21 @@ def test_overwrite_replaces_a_table_written_with_an_older_shape(spark, store) ->
     from deltalake import DeltaTable
 
     assert DeltaTable(store.location("items"), version=0).to_pyarrow_table().column("title").to_pylist() == ["old shape"]
+
+
+def _recs(spark, day: str, users: list[str], item: str = "i1"):
+    rows = [(u, 1, item, 0.5, 0, "v1", dt.date.fromisoformat(day)) for u in users]
+    return spark.createDataFrame(rows, schemas.spark_schema(schemas.RECOMMENDATIONS))
+
+
+def test_replace_where_replaces_one_date_only_and_is_idempotent(spark, store) -> None:
+    pred = "as_of_date = '{}'"
+    store.replace_where(schemas.RECOMMENDATIONS, _recs(spark, "2026-01-01", ["a", "b"]), pred.format("2026-01-01"))
+    store.replace_where(schemas.RECOMMENDATIONS, _recs(spark, "2026-01-02", ["a"]), pred.format("2026-01-02"))
+    version = store.replace_where(schemas.RECOMMENDATIONS, _recs(spark, "2026-01-02", ["c"], "i9"),
+                                  pred.format("2026-01-02"))
+    rows = sorted((str(r.as_of_date), r.user_id, r.item_id) for r in store.read(schemas.RECOMMENDATIONS).collect())
+    assert rows == [("2026-01-01", "a", "i1"), ("2026-01-01", "b", "i1"), ("2026-01-02", "c", "i9")]
+    with pytest.raises(Exception):  # a row outside the predicate is refused, nothing committed
+        store.replace_where(schemas.RECOMMENDATIONS, _recs(spark, "2026-01-03", ["d"]), pred.format("2026-01-02"))
+    assert store.version(schemas.RECOMMENDATIONS) == version

@@ -13,16 +13,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+# The Delta engine of the `store` fixture: delta-rs in the main run; "spark" in the child
+# run of tests/integration/test_spark_engine.py.
+TEST_ENGINE = os.environ.get("HYMIREC_TEST_ENGINE", "delta-rs")
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory):
     """The one SparkSession of the test run (local[2], few shuffle partitions)."""
     from hymirec_udfs.core.spark import get_spark
 
+    conf = {"spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2", "spark.driver.memory": "3g"}
+    if TEST_ENGINE == "spark":
+        # Spark's own Delta, fetched through Ivy (tests/integration/test_spark_engine.py runs
+        # the table-layer suite again in a child pytest with this engine).
+        from hymirec_udfs.core.spark import delta_packages, delta_session_conf
+
+        conf.update({"spark.jars.packages": ",".join(delta_packages()), **delta_session_conf()})
     session = get_spark(
         master="local[2]",
         app_name="hymirec-tests",
-        conf={"spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2",
-              "spark.driver.memory": "3g"},
+        conf=conf,
         local_dir=str(tmp_path_factory.mktemp("spark-local")),
     )
     yield session
@@ -43,10 +54,10 @@ def make_cfg(tmp_path: Path) -> Callable[..., "object"]:
 
 @pytest.fixture
 def store(spark, make_cfg):
-    """A delta-rs table store over a fresh work dir."""
+    """A table store over a fresh work dir, on the engine of this run (:data:`TEST_ENGINE`)."""
     from hymirec_udfs.core.tables import get_table_store
 
-    return get_table_store(spark, make_cfg())
+    return get_table_store(spark, make_cfg(f"storage.engine={TEST_ENGINE}"))
 
 
 @pytest.fixture(scope="session")

@@ -103,10 +103,18 @@ def get_spark(
     for key, value in {**defaults, **dict(conf or {})}.items():
         if key not in preset:
             builder = builder.config(key, str(value))
-    if delta_jars_available():
-        builder = builder.config("spark.sql.extensions", DELTA_EXTENSION).config(
-            "spark.sql.catalog.spark_catalog", DELTA_CATALOG
-        )
+    wants_spark_delta = cfg is not None and cfg.storage.engine == "spark"
+    if wants_spark_delta and not launched and not delta_jars_available():
+        # storage.engine=spark on a session we create: fetch Spark's Delta from Maven
+        # Central through Ivy (cached outside the repository), matching delta-spark.
+        packages = [p for p in str((conf or {}).get("spark.jars.packages", "")).split(",") if p]
+        builder = builder.config("spark.jars.packages", ",".join([*packages, *delta_packages()]))
+    if delta_jars_available() or (wants_spark_delta and not launched):
+        # The extension and catalog whenever Spark's Delta is (or will be) on the classpath:
+        # without them MERGE fails with DELTA_CONFIGURE_SPARK_SESSION_WITH_EXTENSION_AND_CATALOG.
+        for key, value in delta_session_conf().items():
+            if key not in preset:
+                builder = builder.config(key, value)
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     ensure_java()
     spark = builder.getOrCreate()
@@ -115,21 +123,48 @@ def get_spark(
     return spark
 
 
+def delta_packages() -> list[str]:
+    """Maven coordinates of Spark's Delta for the installed ``delta-spark`` (Scala 2.13),
+    e.g. ``io.delta:delta-spark_2.13:4.4.1``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        delta = version("delta-spark")
+    except PackageNotFoundError:
+        raise RuntimeError("storage.engine=spark needs the delta-spark package (pip install 'hymirec[spark]') "
+                           "or a cluster whose JVM already has Delta (Databricks)") from None
+    return [f"io.delta:delta-spark_2.13:{delta}"]
+
+
+def delta_session_conf() -> dict[str, str]:
+    """The session settings Spark's Delta needs (SQL extension and catalog)."""
+    return {"spark.sql.extensions": DELTA_EXTENSION, "spark.sql.catalog.spark_catalog": DELTA_CATALOG}
+
+
 def delta_jars_available(spark=None) -> bool:
     """Whether the JVM has Spark-native Delta classes.
 
-    With a live session the JVM is asked directly; before one exists the answer is
-    whether the Delta jars are on the configured classpath (``spark.jars`` or the
-    ``HYMIREC_DELTA_JARS`` environment variable), since Maven is not reachable here.
+    With a live session its JVM is asked; under spark-submit before the session exists
+    the launcher's JVM (already started) is asked; otherwise the answer is whether the
+    jars were put on the classpath by hand (``HYMIREC_DELTA_JARS``).
     """
+    jvm = None
     if spark is not None:
-        try:
-            jvm = spark.sparkContext._jvm  # noqa: SLF001 - only way to probe the classpath
-            jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
-            return True
-        except Exception:  # noqa: BLE001 - any failure means "no Delta in this JVM"
-            return False
-    return bool(os.environ.get("HYMIREC_DELTA_JARS"))
+        jvm = spark.sparkContext._jvm  # noqa: SLF001 - only way to probe the classpath
+    elif os.environ.get("PYSPARK_GATEWAY_PORT"):
+        from pyspark import SparkContext
+
+        SparkContext._ensure_initialized()  # noqa: SLF001 - attach to the launcher's JVM
+        jvm = SparkContext._jvm  # noqa: SLF001
+    if jvm is None:
+        return bool(os.environ.get("HYMIREC_DELTA_JARS"))
+    try:
+        # Spark's own loader: jars from spark.jars.packages / --packages live in a child
+        # class loader, which a plain Class.forName (the system loader) does not see.
+        jvm.org.apache.spark.util.Utils.classForName("io.delta.tables.DeltaTable", True, False)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no Delta in this JVM"
+        return False
 
 
 def ensure_java() -> None:

@@ -18,6 +18,7 @@ types differ from the declared schema is refused before anything is written.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import uuid
 from abc import ABC, abstractmethod
@@ -401,17 +402,44 @@ class SparkDeltaStore(TableStore):
         return reader.load(self.location(name))
 
     def files(self, name: str, version: Optional[int] = None) -> list[str]:
-        return sorted(self.read(name, version).inputFiles())
+        df = self.read(name, version)
+        found = sorted(df.inputFiles())
+        features = self._delta(name).detail().select("tableFeatures").first()
+        if found and "deletionVectors" in (features["tableFeatures"] or []):
+            # A file with a deletion vector still holds the deleted rows: readers of the
+            # raw Parquet (trainers, encode) would resurrect them. Files written only by
+            # overwrite/append (every table the pipeline hands to ranks) have none.
+            raw = self.spark.read.schema(schemas.spark_schema(name)).parquet(*found).count()
+            if raw != df.count():
+                raise RuntimeError(
+                    f"table '{name}' has rows deleted through deletion vectors; its Parquet files cannot be read "
+                    f"directly. Run `REORG TABLE delta.`{self.location(name)}` APPLY (PURGE)` (or rewrite it) first")
+        return found
 
     def _write(self, name: str, df: "DataFrame", mode: str) -> int:
         writer = df.write.format("delta").mode(mode)
-        if mode == "overwrite":
-            writer = writer.option("overwriteSchema", "true")  # declared schema, enforced by conform()
+        if not self.exists(name):
+            self._create(name)
+        elif mode == "overwrite" and self.columns(name) != schemas.arrow_schema(name).names:
+            # A table an older release wrote with another shape: replace its schema (the
+            # declared one, enforced by conform()); otherwise keep the table's own schema,
+            # whose NOT NULL columns Delta enforces on every write.
+            writer = writer.option("overwriteSchema", "true")
         if self.use_catalog:
             writer.saveAsTable(self.location(name))
         else:
             writer.save(self.location(name))
         return self.version(name)
+
+    def _create(self, name: str) -> None:
+        """Create the table empty with the declared schema, NOT NULL columns included: a
+        DataFrame's own schema is all-nullable, so a table created by the first write
+        would accept nulls in required columns."""
+        from delta.tables import DeltaTable
+
+        builder = DeltaTable.createIfNotExists(self.spark)
+        builder = builder.tableName(self.location(name)) if self.use_catalog else builder.location(self.location(name))
+        builder.addColumns(schemas.spark_schema(name)).execute()
 
     def _merge(self, name: str, df: "DataFrame", keys: Sequence[str]) -> int:
         condition = " AND ".join(f"t.{k} = s.{k}" for k in keys)
@@ -438,6 +466,9 @@ class SparkDeltaStore(TableStore):
         return self.version(name)
 
 
+_AUTO_SAID: dict[Any, str] = {}
+
+
 def get_table_store(spark: "SparkSession", cfg: Config) -> TableStore:
     """Pick the engine from ``storage.engine`` (``auto``: Spark Delta when available)."""
     from hymirec_udfs.core.spark import delta_jars_available
@@ -445,6 +476,10 @@ def get_table_store(spark: "SparkSession", cfg: Config) -> TableStore:
     engine = cfg.storage.engine
     if engine == "auto":
         engine = "spark" if delta_jars_available(spark) else "delta-rs"
+        if _AUTO_SAID.get(cfg.tables_dir) != engine:
+            _AUTO_SAID[cfg.tables_dir] = engine
+            why = "this Spark JVM has Delta's classes" if engine == "spark" else "no Delta classes in this Spark JVM"
+            logging.getLogger(__name__).info("storage.engine=auto: using %s (%s)", engine, why)
     if engine == "spark":
         if not delta_jars_available(spark):
             raise RuntimeError(

@@ -144,7 +144,7 @@ class _ItemIndex:
         import pyarrow as pa
 
         root = Path(directory)
-        self.vectors = np.load(root / "vectors.npy", mmap_mode="r")
+        self.vectors = np.load(root / "vectors.npy", mmap_mode="c")  # copy-on-write: torch views it, no copy
         with pa.memory_map(str(root / "item_ids.arrow")) as source:
             self.ids = np.asarray(pa.ipc.open_file(source).read_all().column(0).to_pylist(), dtype=object)
         self.position = pd.Index(self.ids)

@@ -56,6 +56,74 @@ def item_texts(item_ids: np.ndarray, cfg: SyntheticConfig) -> list[tuple[str, st
     return out
 
 
+def _cluster_tables(cfg: SyntheticConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per cluster: its item ids and the cumulative Zipf-like (exponent 0.8) popularity."""
+    all_ids = np.arange(1, cfg.n_items + 1)
+    clusters = item_cluster(all_ids, cfg.n_clusters)
+    by_cluster = [all_ids[clusters == c] for c in range(cfg.n_clusters)]
+    cdfs = []
+    for ids in by_cluster:
+        w = 1.0 / np.arange(1, len(ids) + 1) ** 0.8
+        cdf = np.cumsum(w / w.sum()) if len(ids) else np.zeros(0)
+        if len(cdf):
+            cdf[-1] = 1.0
+        cdfs.append(cdf)
+    return by_cluster, cdfs
+
+
+_TABLES: dict[tuple, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+
+
+def user_events(users: np.ndarray, cfg: SyntheticConfig) -> "pd.DataFrame":
+    """The interactions of 0-based user ids, vectorised per user (numpy draws for the whole
+    history at once: items by inverse-CDF sampling of the cluster's popularity, gaps,
+    ratings). Deterministic per user (its generator is seeded by (seed, user)), so the
+    Spark batching does not change the data. Same distributions as the per-event loop
+    it replaced: a few clusters per user, 5 + geometric(1 / mean_history) events (at most
+    :data:`MAX_HISTORY`), gaps uniform in [60, 86400) s, ratings uniform 1..5."""
+    import pandas as pd
+
+    key = (cfg.n_items, cfg.n_clusters)
+    if key not in _TABLES:
+        _TABLES.clear()
+        _TABLES[key] = _cluster_tables(cfg)
+    by_cluster, cdfs = _TABLES[key]
+    parts_user, parts_item, parts_t, parts_r, parts_order = [], [], [], [], []
+    for user in users:
+        rng = np.random.default_rng([cfg.seed, int(user), 2])
+        mine = rng.choice(cfg.n_clusters, size=min(cfg.interests_per_user, cfg.n_clusters), replace=False)
+        length = int(min(5 + rng.geometric(1.0 / cfg.mean_history), MAX_HISTORY))
+        picks = rng.choice(mine, size=length)
+        t0 = EPOCH0 + int(rng.integers(0, 10**7))
+        u = rng.random(length)
+        items = np.zeros(length, dtype=np.int64)
+        for c in np.unique(picks):
+            at = picks == c
+            if len(by_cluster[c]):
+                items[at] = by_cluster[c][np.minimum(np.searchsorted(cdfs[c], u[at]), len(cdfs[c]) - 1)]
+        keep = items > 0  # an empty cluster draws nothing, as before
+        times = t0 + np.cumsum(rng.integers(60, 86400, size=length))
+        ratings = rng.integers(1, 6, size=length)
+        events = np.arange(length)[keep]
+        parts_user.append(np.full(len(events), int(user) + 1))
+        parts_item.append(items[keep])
+        parts_t.append(times[keep])
+        parts_r.append(ratings[keep])
+        # source order: user-major, then the event's place in the user's log
+        parts_order.append(int(user) * MAX_HISTORY + events)
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    df = pd.DataFrame({
+        schemas.USER_ID: cat(parts_user).astype(str), schemas.ITEM_ID: cat(parts_item).astype(str),
+        "timestamp": cat(parts_t).astype(str), "rating": cat(parts_r).astype(str),
+        schemas.SOURCE_ORDER: cat(parts_order).astype(np.int64),
+    })
+    df["raw_record"] = df[schemas.USER_ID] + "," + df[schemas.ITEM_ID] + "," + df["timestamp"]
+    return df
+
+
 def generate_raw(spark: "SparkSession", cfg: SyntheticConfig) -> "RawFrames":
     """Raw items and interactions in the shape the ingestion validators expect."""
     import pandas as pd
@@ -86,32 +154,8 @@ def generate_raw(spark: "SparkSession", cfg: SyntheticConfig) -> "RawFrames":
     n_user_blocks = max(1, min(64, cfg.n_users // 2000 + 1))
 
     def users_block(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
-        all_ids = np.arange(1, cfg.n_items + 1)
-        clusters = item_cluster(all_ids, cfg.n_clusters)
-        by_cluster = [all_ids[clusters == c] for c in range(cfg.n_clusters)]
-        # Zipf-like popularity inside each cluster.
-        weights = [1.0 / np.arange(1, len(ids) + 1) ** 0.8 for ids in by_cluster]
-        weights = [w / w.sum() for w in weights]
         for batch in batches:
-            rows = []
-            for user in batch["id"].to_numpy():
-                rng = np.random.default_rng([cfg.seed, int(user), 2])
-                mine = rng.choice(cfg.n_clusters, size=min(cfg.interests_per_user, cfg.n_clusters), replace=False)
-                length = int(min(5 + rng.geometric(1.0 / cfg.mean_history), MAX_HISTORY))
-                picks = rng.choice(mine, size=length)
-                t = EPOCH0 + int(rng.integers(0, 10**7))
-                for event, c in enumerate(picks):
-                    if len(by_cluster[c]) == 0:
-                        continue
-                    item = int(rng.choice(by_cluster[c], p=weights[c]))
-                    t += int(rng.integers(60, 86400))
-                    # source order: user-major, then the event's place in the user's log
-                    rows.append((str(user + 1), str(item), str(t), str(int(rng.integers(1, 6))),
-                                 int(user) * MAX_HISTORY + event))
-            df = pd.DataFrame(rows, columns=[schemas.USER_ID, schemas.ITEM_ID, "timestamp", "rating",
-                                             schemas.SOURCE_ORDER])
-            df["raw_record"] = df[schemas.USER_ID] + "," + df[schemas.ITEM_ID] + "," + df["timestamp"]
-            yield df
+            yield user_events(batch["id"].to_numpy(), cfg)
 
     inter = spark.range(0, cfg.n_users, numPartitions=n_user_blocks).mapInPandas(
         users_block,

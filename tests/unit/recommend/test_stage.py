@@ -123,9 +123,9 @@ def test_ann_retrieval_through_the_stage_matches_exact_on_a_small_catalog(spark,
 
 
 def test_bad_settings_and_no_model_fail_clearly(spark, trained, monkeypatch, tmp_path) -> None:
+    before = get_table_store(spark, trained()).version(schemas.RECOMMENDATIONS)
     with pytest.raises(StageFailed, match=r"recommend.top_k must be >= 1, got 0"):
         _run(spark, trained("recommend.top_k=0"), "2026-01-08", monkeypatch)
     with pytest.raises(StageFailed, match=r"not a date"):
         _run(spark, trained(), "2026-13-40", monkeypatch)
-    before = get_table_store(spark, trained()).version(schemas.RECOMMENDATIONS)
     assert get_table_store(spark, trained()).version(schemas.RECOMMENDATIONS) == before  # nothing half-written

@@ -12,7 +12,7 @@ PROFILE ?= local
 AIRFLOW_VENV  ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.hymirec-airflow-installed
 
-.PHONY: setup demo test bench clean-work wheel airflow-venv
+.PHONY: setup demo test bench clean-work wheel airflow-venv cluster-demo
 
 setup: $(STAMP)
 
@@ -47,6 +47,14 @@ demo: setup
 	$(VENV)/bin/hymirec pipeline run --profile $(PROFILE) $(ARGS)
 	$(VENV)/bin/hymirec tables --profile $(PROFILE)
 	$(VENV)/bin/hymirec report --profile $(PROFILE)
+
+# The pipeline on a local Spark standalone cluster (master + 2 workers on 127.0.0.1) with
+# its tables on an S3 server (moto) through s3a://, both started here and stopped after.
+#   make cluster-demo                                   ML-100K, Spark's Delta, S3
+#   make cluster-demo CLUSTER_ARGS="--engine delta-rs --storage local --profile local,ci-tiny"
+CLUSTER_ARGS ?=
+cluster-demo: setup
+	$(PY) -m tests.services --base hymirec-cluster $(CLUSTER_ARGS)
 
 test: setup airflow-venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ import numpy as np
 from hymirec_udfs.codebook.spark import CodebookStageError
 from hymirec_udfs.content_encoder.model import ContentEncoderTrainingError
 from hymirec_udfs.content_encoder.train import STAGE_NAME
-from hymirec_udfs.core import schemas
+from hymirec_udfs.core import schemas, uri
 from hymirec_udfs.core.config import Config, EmbedConfig, Stage1Config
 from hymirec_udfs.core.lineage import last_success
 from hymirec_udfs.core.stage_api import StageContext
@@ -63,6 +63,11 @@ def encoder_settings(
         from hymirec_udfs.artifacts import trained_encoder
 
         model_path = trained_encoder(store, cfg).path
+    elif uri.is_remote(cfg.model):
+        # Executors copy it from object storage themselves (a driver's temp path is not
+        # theirs); resolving here checks it exists and fills this machine's copy.
+        resolve_model_path(cfg.model)
+        model_path = cfg.model
     else:
         model_path = resolve_model_path(cfg.model)
     return {

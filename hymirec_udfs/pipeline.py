@@ -150,7 +150,13 @@ def run_stage(
         try:
             config_hash = spec.config_hash(cfg)
             logger.tags({"hymirec.config_hash": config_hash})
-            out = spec.function()(spark, cfg, ctx)
+            # The Spark UI (and its REST API) groups this stage's jobs under its name.
+            spark.sparkContext.setJobGroup(f"hymirec:{spec.name}", f"hymirec {spec.name} (run {run_id})")
+            try:
+                out = spec.function()(spark, cfg, ctx)
+            finally:
+                spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+                spark.sparkContext.setLocalProperty("spark.job.description", None)
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised
             job = JobRun(spec.name, run_id, "failed", config_hash, dict(ctx.input_versions), {}, {}, {},
                          time.perf_counter() - t0, logger.run_id,

@@ -16,20 +16,44 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # The Delta engine of the `store` fixture: delta-rs in the main run; "spark" in the child
 # run of tests/integration/test_spark_engine.py.
 TEST_ENGINE = os.environ.get("HYMIREC_TEST_ENGINE", "delta-rs")
+# Where the `store` fixture's tables live: local disk in the main run; "s3" (a moto server
+# on 127.0.0.1, paths.work_dir=s3://...) in the child runs of test_object_storage.py.
+TEST_STORAGE = os.environ.get("HYMIREC_TEST_STORAGE", "local")
 
 
 @pytest.fixture(scope="session")
-def spark(tmp_path_factory: pytest.TempPathFactory):
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """An S3 server (moto, 127.0.0.1) with one bucket; the AWS_* variables point at it."""
+    from tests.services import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """The one SparkSession of the test run (local[2], few shuffle partitions)."""
     from hymirec_udfs.core.spark import get_spark
 
     conf = {"spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2", "spark.driver.memory": "3g"}
+    packages = []
     if TEST_ENGINE == "spark":
         # Spark's own Delta, fetched through Ivy (tests/integration/test_spark_engine.py runs
         # the table-layer suite again in a child pytest with this engine).
         from hymirec_udfs.core.spark import delta_packages, delta_session_conf
 
-        conf.update({"spark.jars.packages": ",".join(delta_packages()), **delta_session_conf()})
+        packages += delta_packages()
+        conf.update(delta_session_conf())
+    if TEST_STORAGE == "s3":
+        from hymirec_udfs.core.spark import s3a_packages
+
+        packages += s3a_packages()
+        s3_server = request.getfixturevalue("s3")
+        from hymirec_udfs.core.uri import s3a_conf
+
+        conf.update(s3a_conf(s3_server.env))
+    if packages:
+        conf["spark.jars.packages"] = ",".join(packages)
     session = get_spark(
         master="local[2]",
         app_name="hymirec-tests",
@@ -47,9 +71,15 @@ def make_cfg(tmp_path: Path) -> Callable[..., "object"]:
 
     def _make(*overrides: str, profiles: Sequence[str] = ("local",), tracking: bool = False):
         sets = [f"paths.work_dir={tmp_path / 'work'}", f"tracking.enabled={'true' if tracking else 'false'}"]
+        if TEST_STORAGE == "s3":
+            sets = [f"paths.work_dir=s3://{S3_BUCKET}/{tmp_path.name}/work", f"paths.local_dir={tmp_path / 'local'}",
+                    sets[1]]
         return load_config(list(profiles), sets + list(overrides))
 
     return _make
+
+
+S3_BUCKET = "hymirec-test"
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from hymirec_udfs.ablations.variants import (
     write_ablation_csv,
 )
 from hymirec_udfs.artifacts import item_store_for
-from hymirec_udfs.core import schemas
+from hymirec_udfs.core import schemas, uri
 from hymirec_udfs.core.choices import ModelType
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.devices import auto_device
@@ -139,10 +139,12 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     write_ablation_csv(csv_path, rows, variants, ks, timing)
     ctx.logger.artifact(str(md_path), "ablations")
     ctx.logger.artifact(str(csv_path), "ablations")
+    published = uri.publish_dir(out_dir, uri.join(cfg.reports_uri, out_dir.name))
     print(table)
     print(note, flush=True)
 
-    summary: dict[str, Any] = {"table": table, "md": str(md_path), "csv": str(csv_path), "test_users": users,
+    summary: dict[str, Any] = {"table": table, "md": uri.join(published, md_path.name),
+                               "csv": uri.join(published, csv_path.name), "test_users": users,
                                "train_s_total": train_total, "eval_s": eval_s, "total_wall_s": total_s, **extra}
     # Test metrics per variant are already logged by evaluate_models (``<variant>.test.*``).
     for name in variants:

@@ -4,6 +4,9 @@
 ``databricks``, ...) overrides part of it; ``--set a.b=c`` on the command line is applied
 last. The merged mapping is converted into the dataclasses below, and any unknown key,
 wrong type or missing file fails at load time with the key and the file named.
+
+One concern: the configuration's shape (one dataclass per section, each field documented)
+and its loading; it is long because every setting of every stage is declared here, once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Sequence, Union
 
 import yaml
 
+from hymirec_udfs.core import uri
 from hymirec_udfs.core.choices import CONFIG_CHOICES
 
 
@@ -29,19 +33,32 @@ class ConfigError(ValueError):
 
 @dataclass
 class PathsConfig:
-    """Where local state lives.
+    """Where state lives. Every location is a path or a URI (``s3://``, ``s3a://``,
+    ``gs://``, ``abfss://``, ``hdfs://``, ``dbfs:/``, ``/Volumes/...``); see
+    :mod:`hymirec_udfs.core.uri`.
 
     Attributes:
-        work_dir: root of the local work directory (tables, MLflow, reports, checkpoints).
-        tables_dir: table root; empty means ``<work_dir>/tables``.
-        reports_dir: report root; empty means ``<work_dir>/reports``.
-        checkpoints_dir: training checkpoints; empty means ``<work_dir>/checkpoints``.
+        work_dir: root of the durable state: tables, reports and MLflow artefacts (a path
+            or a URI).
+        tables_dir: table root; empty means ``<work_dir>/tables`` (a path or a URI).
+        reports_dir: report root; empty means ``<work_dir>/reports`` (a path or a URI;
+            reports are written locally first, then copied there).
+        checkpoints_dir: training checkpoints; empty means ``<local_dir>/checkpoints``. A
+            file-system path (ranks write it with ``torch.save``).
+        local_dir: file-system scratch for what needs plain file I/O: checkpoints, the
+            memory-mapped item stores and item index, Spark's scratch, stage-1 staging and,
+            when ``tracking.tracking_uri`` is empty, MLflow's sqlite file. Empty means
+            ``work_dir`` when that is a path, else ``<system temp>/hymirec-<hash of
+            work_dir>``. On a multi-node cluster set it to a mount every node sees
+            (``/dbfs/...``, ``/Volumes/...``, NFS): the driver and executors exchange
+            checkpoints and the item index through it.
     """
 
     work_dir: str = "./hymirec-work"
     tables_dir: str = ""
     reports_dir: str = ""
     checkpoints_dir: str = ""
+    local_dir: str = ""
 
 
 @dataclass
@@ -69,11 +86,17 @@ class StorageConfig:
         catalog: Unity Catalog / metastore catalog; with ``schema`` set, tables are
             ``catalog.schema.name`` (Spark engine only) instead of paths.
         schema: metastore schema (database).
+        options: delta-rs storage options (``AWS_S3_LOCKING_PROVIDER: dynamodb``, ...),
+            on top of the environment (``AWS_*``, ``AZURE_*``, ``GOOGLE_*``), which delta-rs
+            reads itself. On S3 delta-rs needs a locking provider for concurrent writers,
+            or ``AWS_S3_ALLOW_UNSAFE_RENAME: "true"`` when this pipeline is the tables' only
+            writer.
     """
 
     engine: str = "auto"
     catalog: str = ""
     schema: str = ""
+    options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,7 +105,9 @@ class TrackingConfig:
 
     Attributes:
         enabled: log runs to MLflow.
-        tracking_uri: empty means sqlite under ``<work_dir>/mlflow``.
+        tracking_uri: empty means a sqlite file under ``<local_dir>/mlflow`` with artefacts
+            under ``<work_dir>/mlflow/artifacts``. With a remote ``work_dir`` that sqlite
+            file is node-local: set an MLflow server or ``databricks`` here to share runs.
         experiment: experiment name or workspace path.
     """
 
@@ -459,33 +484,64 @@ class Config:
 
     # Derived locations ---------------------------------------------------------------
     @property
-    def work_dir(self) -> Path:
-        """Absolute work directory."""
-        return Path(self.paths.work_dir).expanduser().resolve()
+    def work_uri(self) -> str:
+        """The durable root (an absolute path or a URI)."""
+        return uri.normalize(self.paths.work_dir, "paths.work_dir")
 
     @property
-    def tables_dir(self) -> Path:
-        """Absolute table root."""
-        return Path(self.paths.tables_dir).resolve() if self.paths.tables_dir else self.work_dir / "tables"
+    def tables_uri(self) -> str:
+        """The table root (an absolute path or a URI)."""
+        if self.paths.tables_dir:
+            return uri.normalize(self.paths.tables_dir, "paths.tables_dir")
+        return uri.join(self.work_uri, "tables")
+
+    @property
+    def reports_uri(self) -> str:
+        """Where reports are published (an absolute path or a URI)."""
+        if self.paths.reports_dir:
+            return uri.normalize(self.paths.reports_dir, "paths.reports_dir")
+        return uri.join(self.work_uri, "reports")
+
+    @property
+    def work_dir(self) -> Path:
+        """The local (file-system) work directory: ``paths.local_dir``, else ``work_dir``
+        when it is a path, else a directory under the system temp named by its hash."""
+        if self.paths.local_dir:
+            return uri.local_path(self.paths.local_dir, "paths.local_dir")
+        work = self.work_uri
+        if not uri.is_remote(work):
+            return Path(work)
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / f"hymirec-{hashlib.sha256(work.encode()).hexdigest()[:12]}"
 
     @property
     def reports_dir(self) -> Path:
-        """Absolute report root."""
-        return Path(self.paths.reports_dir).resolve() if self.paths.reports_dir else self.work_dir / "reports"
+        """Local directory reports are written to (the report root itself when it is a
+        path; otherwise ``<local_dir>/reports``, copied to :attr:`reports_uri`)."""
+        published = self.reports_uri
+        return Path(published) if not uri.is_remote(published) else self.work_dir / "reports"
 
     @property
     def checkpoints_dir(self) -> Path:
-        """Absolute checkpoint root."""
+        """Absolute checkpoint root (a file-system path)."""
         if self.paths.checkpoints_dir:
-            return Path(self.paths.checkpoints_dir).resolve()
+            return uri.local_path(self.paths.checkpoints_dir, "paths.checkpoints_dir")
         return self.work_dir / "checkpoints"
 
     @property
     def tracking_uri(self) -> str:
-        """MLflow tracking URI (sqlite under the work dir by default)."""
+        """MLflow tracking URI (sqlite under the local work dir by default)."""
         if self.tracking.tracking_uri:
             return self.tracking.tracking_uri
         return f"sqlite:///{self.work_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        """Where a new MLflow experiment keeps artefacts when the tracking store is the
+        default sqlite file: ``<work_dir>/mlflow/artifacts`` as MLflow spells it."""
+        root = uri.join(self.work_uri, "mlflow", "artifacts")
+        return uri.for_arrow(root) if uri.is_remote(root) else Path(root).as_uri()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested mapping of the resolved configuration."""

@@ -96,8 +96,10 @@ def read_rank_share(
     wanted = list(dict.fromkeys([user_col, *columns, *sort_by]))
     parts = []
     empty = None
+    from hymirec_udfs.core.uri import open_input
+
     for path in files:
-        handle = pq.ParquetFile(path)
+        handle = pq.ParquetFile(open_input(path))
         names = handle.schema_arrow.names
         missing = [c for c in wanted if c not in names]
         if missing:

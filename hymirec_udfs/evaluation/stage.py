@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from hymirec_udfs.artifacts import item_store_for, trained_model
-from hymirec_udfs.core import schemas
+from hymirec_udfs.core import schemas, uri
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
 from hymirec_udfs.evaluation.offline import evaluate_models, metrics_table
@@ -43,8 +43,9 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     table = metrics_table(rows)
     report = write_report(spark, cfg, ctx, rows, models)
     ctx.logger.artifact(str(Path(report).parent), "report")
+    published = uri.publish_dir(Path(report).parent, uri.join(cfg.reports_uri, ctx.run_id))
     print(table)
-    summary: dict[str, Any] = {"report": report, "metrics_table": table}
+    summary: dict[str, Any] = {"report": uri.join(published, Path(report).name), "metrics_table": table}
     for r in rows:
         if r["split"] == "test" and r["k"] == 10:
             summary[f"{r['model']}.test.recall@10"] = r["recall"]

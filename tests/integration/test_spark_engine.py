@@ -11,12 +11,11 @@ a table written by one engine read and merged by the other.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.services import child_pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,12 +23,7 @@ pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]
 
 
 def test_table_layer_suite_on_spark_delta(tmp_path: Path) -> None:
-    env = {**os.environ, "HYMIREC_TEST_ENGINE": "spark"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
-         str(REPO / "tests" / "unit" / "core" / "test_tables.py")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
-    )
+    proc = child_pytest(REPO / "tests" / "unit" / "core" / "test_tables.py", {"HYMIREC_TEST_ENGINE": "spark"})
     tail = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout, tail

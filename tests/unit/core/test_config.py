@@ -75,5 +75,5 @@ def test_dump_round_trips_and_hash_tracks_sections() -> None:
 
 def test_derived_paths(tmp_path: Path) -> None:
     cfg = load_config([], [f"paths.work_dir={tmp_path}"])
-    assert cfg.tables_dir == tmp_path / "tables"
+    assert cfg.tables_uri == str(tmp_path / "tables")
     assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from pathlib import Path
+import os
 
 import pytest
 
-from hymirec_udfs.core import schemas
-from tests.conftest import TEST_ENGINE
+from hymirec_udfs.core import schemas, uri
+from tests.conftest import TEST_ENGINE, TEST_STORAGE
 from hymirec_udfs.core.tables import SchemaMismatchError, TableNotFoundError
 
 pytestmark = pytest.mark.spark
@@ -25,6 +25,7 @@ def _items(spark, rows):
 
 def test_overwrite_merge_version_history_and_time_travel(spark, store) -> None:
     assert store.engine == TEST_ENGINE
+    assert store.location("items").startswith(("s3://", "s3a://")) == (TEST_STORAGE == "s3")
     assert not store.exists("items") and store.version("items") is None
     first = store.overwrite("items", _items(spark, [("1", "a"), ("2", "b")]))
     assert first in (0, 1)  # Spark's engine commits the declared (NOT NULL) schema first
@@ -39,22 +40,28 @@ def test_overwrite_merge_version_history_and_time_travel(spark, store) -> None:
     assert ops[0] == "WRITE" and "MERGE" in ops
 
 
+def _read_text(location: str) -> str:
+    fs, path = uri.arrow_fs(location)
+    with fs.open_input_stream(path) as handle:
+        return handle.read().decode()
+
+
 def test_delta_log_is_valid(spark, store) -> None:
     from deltalake import DeltaTable
 
     first = store.overwrite("items", _items(spark, [("1", "a")]))
     store.overwrite("items", _items(spark, [("9", "z")]))
-    log = Path(store.location("items")) / "_delta_log"
-    commits = sorted(log.glob("*.json"))
-    assert [c.name for c in commits] == [f"{v:020d}.json" for v in range(first + 2)]
-    actions = [json.loads(line) for c in commits[: first + 1] for line in c.read_text().splitlines()]
+    # Listed and read through core.uri: the same test runs on local disk and on S3.
+    commits = uri.list_files(uri.join(store.location("items"), "_delta_log"), ".json")
+    assert [c.rsplit("/", 1)[1] for c in commits] == [f"{v:020d}.json" for v in range(first + 2)]
+    actions = [json.loads(line) for c in commits[: first + 1] for line in _read_text(c).splitlines()]
     kinds = {next(iter(a)) for a in actions}
     assert {"protocol", "metaData", "add", "commitInfo"} <= kinds
     meta = next(a["metaData"] for a in actions if "metaData" in a)
     fields = json.loads(meta["schemaString"])["fields"]
     assert [f["name"] for f in fields] == schemas.arrow_schema("items").names
     assert {f["name"]: f["nullable"] for f in fields}["item_id"] is False  # NOT NULL on both engines
-    table = DeltaTable(store.location("items"), version=first)
+    table = DeltaTable(uri.for_arrow(store.location("items")), version=first)
     assert table.to_pyarrow_table().column("item_id").to_pylist() == ["1"]
     assert [r.item_id for r in store.read("items").collect()] == ["9"]
 
@@ -131,8 +138,8 @@ def test_staged_write_the_driver_cannot_see_fails_and_commits_nothing(spark, sto
 
     def stage_elsewhere(self, name, df):
         written = real_stage(self, name, df)  # Spark's files land here ...
-        invisible = written.parent / f"{written.name}-driver-view"
-        invisible.mkdir()  # ... while the driver looks here
+        invisible = f"{written}-driver-view"
+        os.makedirs(invisible)  # ... while the driver looks here
         return invisible
 
     monkeypatch.setattr(DeltaRsStore, "_stage", stage_elsewhere)
@@ -151,13 +158,13 @@ def test_overwrite_replaces_a_table_written_with_an_older_shape(spark, store) ->
     from deltalake import write_deltalake
 
     old = pa.table({"item_id": ["9"], "title": ["old shape"]})
-    write_deltalake(store.location("items"), old)
+    write_deltalake(uri.for_arrow(store.location("items")), old)
     assert store.version("items") == 0
     assert store.overwrite("items", _items(spark, [("1", "a")])) == 1
     assert [(r.item_id, r.title) for r in store.read("items").collect()] == [("1", "a")]
     from deltalake import DeltaTable
 
-    assert DeltaTable(store.location("items"), version=0).to_pyarrow_table().column("title").to_pylist() == ["old shape"]
+    assert DeltaTable(uri.for_arrow(store.location("items")), version=0).to_pyarrow_table().column("title").to_pylist() == ["old shape"]
 
 
 def _recs(spark, day: str, users: list[str], item: str = "i1"):

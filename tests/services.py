@@ -216,12 +216,14 @@ def child_pytest(test_file: Path, env: dict[str, str], timeout: float = 1500) ->
 def run_pipeline_on_cluster(base: Path, *, profile: str = "local", engine: str = "spark", storage: str = "s3",
                             sets: tuple[str, ...] = (), run_date: str = "2026-01-01", timeout: float = 3600,
                             extra_args: tuple[str, ...] = (), conf: Optional[dict[str, str]] = None,
-                            during=None) -> dict:
+                            during=None, after=None) -> dict:
     """``spark-submit jobs/pipeline.py`` on a fresh standalone cluster (master + 2 workers),
     with the tables under ``s3://`` on a moto server (``storage="s3"``) or on local disk.
 
     ``during(cluster, proc_log)``, when given, runs in a thread while the application runs
-    (the fault tests kill a worker from there).
+    (the fault tests kill a worker from there); ``after(work_uri)`` runs once the application
+    ended, while the servers still run (to inspect what it wrote), its value returned as
+    ``"after"``.
 
     Returns:
         ``{"returncode", "result" (the last HYMIREC_RESULT), "wall_s", "log", "work_uri"}``.
@@ -263,10 +265,11 @@ def run_pipeline_on_cluster(base: Path, *, profile: str = "local", engine: str =
         wall = time.perf_counter() - start
         if worker is not None:
             worker.join(60)
+        inspected = after(work) if after is not None else None
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("HYMIREC_RESULT ")]
     result = json.loads(lines[-1][len("HYMIREC_RESULT "):]) if lines else {}
     return {"returncode": proc.returncode, "result": result, "wall_s": round(wall, 1), "log": str(log),
-            "work_uri": work}
+            "work_uri": work, "after": inspected}
 
 
 def main(argv: Optional[list[str]] = None) -> int:  # pragma: no cover - `make cluster-demo`

@@ -402,6 +402,35 @@ class EvaluateConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """Model registry and the champion/challenger promotion gate (MLflow; needs tracking).
+
+    Attributes:
+        enabled: evaluation registers the trained HyMiRec model, sets ``challenger`` and
+            runs the gate; ``recommend`` serves ``champion``.
+        model_name: registered model name (``catalog.schema.name`` on Unity Catalog).
+        metric: the per-user metric the gate compares, ``ndcg@K`` or ``recall@K`` with K in
+            ``evaluate.ks``.
+        confidence: two-sided level of the paired bootstrap interval.
+        resamples: bootstrap resamples.
+        seed: bootstrap seed (the decision is reproducible).
+        min_users: fewer paired test users refuses promotion; smaller segments are not
+            judged.
+        cold_max_train_users: a test target with at most this many training users is cold
+            (the cold-target segment).
+    """
+
+    enabled: bool = True
+    model_name: str = "hymirec"
+    metric: str = "ndcg@10"
+    confidence: float = 0.95
+    resamples: int = 2000
+    seed: int = 0
+    min_users: int = 30
+    cold_max_train_users: int = 5
+
+
+@dataclass
 class RecommendConfig:
     """The serving outputs: ``user_interests`` and top-K ``recommendations`` per as-of date.
 
@@ -415,8 +444,8 @@ class RecommendConfig:
             (a faiss IVF index over the item index; GPU when faiss sees one).
         ann_nlist: IVF lists (0: ``4 * sqrt(N)``, at least 1).
         ann_nprobe: lists searched per query (0: ``max(8, nlist / 8)``).
-        model_run_id: MLflow run of the model to serve; empty: the latest successful
-            ``train`` run (the registry's ``champion`` once registered).
+        model_run_id: MLflow run of the model to serve; empty: the registry's
+            ``champion`` (``registry.enabled``), else the latest successful ``train`` run.
         batch_users: users per forward pass and scoring batch in an executor.
         chunk_items: catalog items scored per matmul chunk (exact retrieval).
     """
@@ -479,6 +508,7 @@ class Config:
     dmil: DmilConfig = field(default_factory=DmilConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
 

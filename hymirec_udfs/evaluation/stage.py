@@ -34,6 +34,20 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
 
     checkpoint, run_id = trained_model(ctx, cfg)
     models = {cfg.train.model_type: (checkpoint, run_id)}
+    gated = cfg.registry.enabled and cfg.tracking.enabled
+    champion = None
+    if gated:
+        from hymirec_udfs.core import registry
+        from hymirec_udfs.evaluation.promotion import CHAMPION_MODEL, metric_column
+
+        metric_column(cfg.registry.metric, list(cfg.evaluate.ks))  # a bad setting fails before any work
+        champion = registry.by_alias(cfg, registry.CHAMPION)
+        if champion is not None and champion.run_id != run_id:
+            # The champion is scored on the same test users, so the gate's pairs are exact.
+            import dataclasses
+
+            served = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, model_run_id=champion.run_id))
+            models[CHAMPION_MODEL] = (trained_model(ctx, served)[0], champion.run_id)
     for baseline in cfg.evaluate.baselines:
         if baseline == cfg.train.model_type:
             continue
@@ -50,6 +64,13 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
         if r["split"] == "test" and r["k"] == 10:
             summary[f"{r['model']}.test.recall@10"] = r["recall"]
             summary[f"{r['model']}.test.ndcg@10"] = r["ndcg"]
+    if gated:
+        from hymirec_udfs.evaluation.promotion import run_gate
+
+        decision = run_gate(ctx, cfg, cfg.train.model_type, run_id, champion)
+        summary.update(decision)
+        print(f"registry: {decision['registry.model_name']} version {decision['registry.version']} is challenger; "
+              f"champion: version {decision['registry.champion_version']} ({decision['promotion.reason']})")
     users = {r["split"]: r["users"] for r in rows}
     return StageOutput(rows={f"{s}_users": int(n) for s, n in users.items()} | {"models": len(models)}, summary=summary)
 

@@ -25,23 +25,20 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
-import numpy as np
 
 from hymirec_udfs.core import schemas
-from hymirec_udfs.core.choices import Retrieval
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
+from hymirec_udfs.recommend.serving import _worker, score_batch, write_item_index
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from pyspark.sql import SparkSession
 
 # Catalog rows turned into ranking vectors per model call while the index is written.
-INDEX_CHUNK = 65536
-_WORKER_CACHE: dict[str, Any] = {}
 
 
 class RecommendError(ValueError):
@@ -61,15 +58,20 @@ def as_of_date() -> dt.date:
 
 
 def as_of_fingerprint(cfg: Config) -> str:
-    """Skip-check key: the as-of date and the model served (a new date or a retrained
-    model makes the stage run again)."""
+    """Skip-check key: the as-of date and the model served (a new date, a retrained model
+    or a promoted champion makes the stage run again)."""
     from pyspark.sql import SparkSession
 
     from hymirec_udfs.core.tables import get_table_store
 
     spark = SparkSession.getActiveSession()
     model = cfg.recommend.model_run_id
-    if not model and spark is not None:
+    if not model and _serves_champion(cfg):
+        from hymirec_udfs.core import registry
+
+        champion = registry.by_alias(cfg, registry.CHAMPION)
+        model = f"{champion.name}@{champion.version}" if champion else "no-champion"
+    elif not model and spark is not None:
         from hymirec_udfs.core.lineage import last_success
 
         last = last_success(get_table_store(spark, cfg), "train")
@@ -77,160 +79,51 @@ def as_of_fingerprint(cfg: Config) -> str:
     return f"{as_of_date().isoformat()}-{model}"
 
 
-def served_model(ctx: StageContext, cfg: Config) -> tuple[str, str]:
-    """(checkpoint, model version) of the model to serve: ``recommend.model_run_id`` or
-    the latest successful ``train`` run."""
+def _serves_champion(cfg: Config) -> bool:
+    return not cfg.recommend.model_run_id and cfg.registry.enabled and cfg.tracking.enabled
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model ``recommend`` serves: its checkpoint, the version recorded in the tables
+    (the registered version, else the MLflow run id), the registered name (empty when not
+    from the registry) and the MLflow run that trained it."""
+
+    checkpoint: str
+    version: str
+    registered_name: str
+    run_id: str
+
+
+def served_model(ctx: StageContext, cfg: Config) -> Served:
+    """The model to serve: ``recommend.model_run_id``; else ``models:/<registry.model_name>@champion``
+    (``registry.enabled`` with tracking on); else the latest successful ``train`` run.
+
+    Raises:
+        RecommendError: no such run, no champion alias, or no successful train run, each
+            naming the setting to use.
+    """
+    import dataclasses
+
     from hymirec_udfs.artifacts import trained_model
+    from hymirec_udfs.core import registry
     from hymirec_udfs.evaluation.offline import EvaluationError
 
+    run_id, name, version = cfg.recommend.model_run_id, "", ""
+    if _serves_champion(cfg):
+        try:
+            champion = registry.require_alias(cfg, registry.CHAMPION)
+        except registry.RegistryError as exc:
+            raise RecommendError(str(exc)) from None
+        run_id, name, version = champion.run_id, champion.name, champion.version
     settings = cfg
-    if cfg.recommend.model_run_id:
-        import dataclasses
-
-        settings = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate,
-                                                                         model_run_id=cfg.recommend.model_run_id))
+    if run_id:
+        settings = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, model_run_id=run_id))
     try:
-        return trained_model(ctx, settings)
+        checkpoint, trained_run = trained_model(ctx, settings)
     except EvaluationError as exc:
         raise RecommendError(str(exc).replace("evaluate.model_run_id", "recommend.model_run_id")) from None
-
-
-def write_item_index(loaded: Any, catalog: Any, directory: Path, *, retrieval: str, nlist: int, nprobe: int,
-                     meta: dict[str, Any]) -> Path:
-    """Today's item index for a model: ranking vectors of every catalog item, ids, meta,
-    and (ANN) the faiss index. Written under ``<directory>.partial`` and renamed; reused
-    when complete. Memory: one chunk of :data:`INDEX_CHUNK` rows."""
-    import shutil
-
-    import torch
-    from numpy.lib.format import open_memmap
-
-    from hymirec_udfs.recommend.retrieval import AnnIndex
-
-    if (directory / "meta.json").is_file():
-        return directory
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    n, dim = catalog.n_items, catalog.dim
-    vectors = open_memmap(partial / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
-    model = loaded.model
-    with torch.inference_mode():
-        for lo in range(0, n, INDEX_CHUNK):
-            hi = min(lo + INDEX_CHUNK, n)
-            content = torch.from_numpy(np.asarray(catalog.embeddings[1 + lo : 1 + hi], dtype=np.float32))
-            known = np.maximum(loaded.store.lookup(catalog.item_ids[lo:hi]), 0)
-            vectors[lo:hi] = model.ranking_vectors(content, torch.from_numpy(known)).numpy()
-    vectors.flush()
-    try:  # the catalog's ids, in the index's row order: a hard link, no copy
-        os.link(Path(catalog.path) / "item_ids.arrow", partial / "item_ids.arrow")
-    except OSError:
-        shutil.copy2(Path(catalog.path) / "item_ids.arrow", partial / "item_ids.arrow")
-    if retrieval == Retrieval.ANN:
-        AnnIndex(vectors, nlist=nlist, nprobe=nprobe).save(str(partial / "ann.faiss"))
-    del vectors
-    (partial / "meta.json").write_text(json.dumps({**meta, "n_items": n, "dim": dim, "retrieval": retrieval},
-                                                  indent=2, sort_keys=True))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(partial, directory)
-    return directory
-
-
-class _ItemIndex:
-    """An executor's view of the item index: mapped vectors, ids, lookup, faiss index."""
-
-    def __init__(self, directory: str, nprobe: int) -> None:
-        import pandas as pd
-        import pyarrow as pa
-
-        root = Path(directory)
-        self.vectors = np.load(root / "vectors.npy", mmap_mode="c")  # copy-on-write: torch views it, no copy
-        with pa.memory_map(str(root / "item_ids.arrow")) as source:
-            self.ids = np.asarray(pa.ipc.open_file(source).read_all().column(0).to_pylist(), dtype=object)
-        self.position = pd.Index(self.ids)
-        self.ann = None
-        if (root / "ann.faiss").is_file():
-            from hymirec_udfs.recommend.retrieval import AnnIndex
-
-            self.ann = AnnIndex.load(str(root / "ann.faiss"), nprobe=nprobe)
-
-    def rows(self, ids: list[str]) -> np.ndarray:
-        found = self.position.get_indexer(np.asarray(ids, dtype=object))
-        return np.unique(found[found >= 0])
-
-
-def _worker(checkpoint: str, index_dir: str, nprobe: int) -> tuple[Any, _ItemIndex]:
-    from hymirec_udfs.evaluation.offline import _load_model
-
-    if index_dir not in _WORKER_CACHE:
-        _WORKER_CACHE.clear()  # one index per worker: an older date's is dropped
-        _WORKER_CACHE[index_dir] = _ItemIndex(index_dir, nprobe)
-    return _load_model(checkpoint), _WORKER_CACHE[index_dir]
-
-
-def score_batch(loaded: Any, index: _ItemIndex, users: list[str], histories: list[list[str]], cfg: Config
-                ) -> "pd.DataFrame":
-    """Interests and top-K of a batch of users (one output row per user).
-
-    History items the model does not know (added after it was trained) are left out of
-    its input (counted in ``unknown_history``); a user with none left gets no rows
-    (``skipped`` = True), never interests computed from nothing.
-    """
-    import pandas as pd
-    import torch
-
-    from hymirec_udfs.core.devices import auto_device
-    from hymirec_udfs.recommend.retrieval import exact_topk
-
-    rc = cfg.recommend
-    store, model = loaded.store, loaded.model
-    known_rows, unknown = [], []
-    for history in histories:
-        idx = store.lookup(list(history))
-        unknown.append(int((idx <= 0).sum()))
-        known_rows.append(idx[idx > 0])
-    keep = np.array([len(r) > 0 for r in known_rows], dtype=bool)
-
-    def pad(rows: list[np.ndarray], width: int) -> torch.Tensor:
-        out = np.zeros((len(rows), max(1, width)), dtype=np.int64)
-        for i, r in enumerate(rows):
-            r = r[-width:]
-            out[i, out.shape[1] - len(r):] = r
-        return torch.from_numpy(out)
-
-    live = [r for r, k in zip(known_rows, keep) if k]
-    interests = np.zeros((0, 1, index.vectors.shape[1]), np.float32)
-    if live:
-        with torch.inference_mode():
-            out = [model(pad(live[i:i + rc.batch_users], loaded.max_long), pad(live[i:i + rc.batch_users],
-                                                                                  loaded.max_recent))
-                   for i in range(0, len(live), rc.batch_users)]
-        interests = torch.cat(out).float().numpy()
-    live_hist = [h for h, k in zip(histories, keep) if k]
-    exclude = [index.rows(list(h)) for h in live_hist] if rc.exclude_history else None
-    if len(live) == 0:
-        rows_idx = np.zeros((0, rc.top_k), np.int64)
-        scores = np.zeros((0, rc.top_k), np.float32)
-        which = np.zeros((0, rc.top_k), np.int32)
-    elif index.ann is not None:
-        rows_idx, scores, which = index.ann.topk(interests, rc.top_k, exclude, per_interest_quota=rc.per_interest_quota)
-    else:
-        rows_idx, scores, which = exact_topk(interests, index.vectors, rc.top_k, exclude,
-                                             per_interest_quota=rc.per_interest_quota, chunk_items=rc.chunk_items,
-                                             device=auto_device("auto"))
-    records = []
-    live_pos = 0
-    for user, ok, n_unknown in zip(users, keep, unknown):
-        if not ok:
-            records.append((user, None, None, None, None, n_unknown, True))
-            continue
-        valid = rows_idx[live_pos] >= 0
-        records.append((user, [v.tolist() for v in interests[live_pos]],
-                        index.ids[rows_idx[live_pos][valid]].tolist(), scores[live_pos][valid].tolist(),
-                        which[live_pos][valid].tolist(), n_unknown, False))
-        live_pos += 1
-    return pd.DataFrame.from_records(records, columns=["user_id", "interests", "items", "scores", "which",
-                                                       "unknown_history", "skipped"])
+    return Served(checkpoint, version or trained_run, name, trained_run)
 
 
 SCORED_SCHEMA = (
@@ -253,15 +146,16 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
         raise RecommendError(f"recommend.batch_users must be >= 1, got {rc.batch_users}")
     t0 = time.perf_counter()
     day = as_of_date()
-    checkpoint, version = served_model(ctx, cfg)
-    loaded = LoadedModel(checkpoint)
-    model_name = str(getattr(loaded.model, "model_type", "hymirec"))
+    model_served = served_model(ctx, cfg)
+    version = model_served.version
+    loaded = LoadedModel(model_served.checkpoint)
+    model_name = model_served.registered_name or str(getattr(loaded.model, "model_type", "hymirec"))
     if not hasattr(loaded.model, "ranking_vectors"):
         raise RecommendError(f"recommend serves content models (hymirec, hllm); the served model {version} is a "
                              f"{model_name!r}, which cannot score items it was not trained on")
     codebook_version = str(loaded.store.meta.get("codebook_version", ""))
     catalog = build_item_store(ctx, cfg, embeddings_only=True)
-    key = hashlib.sha256(json.dumps([version, catalog.path, rc.retrieval, rc.ann_nlist, rc.ann_nprobe],
+    key = hashlib.sha256(json.dumps([model_served.run_id, catalog.path, rc.retrieval, rc.ann_nlist, rc.ann_nprobe],
                                     sort_keys=True).encode()).hexdigest()[:16]
     t_index = time.perf_counter()
     index_dir = write_item_index(loaded, catalog, cfg.work_dir / "item_index" / key, retrieval=rc.retrieval,
@@ -272,7 +166,7 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     index_s = time.perf_counter() - t_index
     ctx.logger.artifact(str(index_dir / "meta.json"), "item_index")
 
-    snapshot = dict(cfg=cfg, checkpoint=checkpoint, index_dir=str(index_dir))
+    snapshot = dict(cfg=cfg, checkpoint=model_served.checkpoint, index_dir=str(index_dir))
 
     def per_batch(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         loaded_w, index = _worker(snapshot["checkpoint"], snapshot["index_dir"], rc.ann_nprobe)
@@ -307,6 +201,7 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     users_served = int(totals["users"]) - int(totals["skipped"] or 0)
     wall = time.perf_counter() - t0
     summary = {"as_of_date": day.isoformat(), "model_version": version, "model_name": model_name,
+               "model_run_id": model_served.run_id,
                "codebook_version": codebook_version, "retrieval": rc.retrieval, "top_k": rc.top_k,
                "item_index": str(index_dir), "catalog_items": catalog.n_items,
                "users_skipped_no_known_history": int(totals["skipped"] or 0),

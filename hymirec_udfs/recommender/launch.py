@@ -117,17 +117,22 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
         from hymirec_udfs.recommender.train import load_trained_model
 
         model = load_trained_model(checkpoint)
-        # Pickle format: the model takes index tensors, so there is no array example to
-        # trace a pt2 graph from; requirements are given so MLflow does not re-import it.
-        options: dict[str, Any] = {}
-        if "serialization_format" in inspect.signature(mlflow.pytorch.log_model).parameters:
-            # Newer MLflow exports pt2 by default, which needs array inputs to trace; MLflow
-            # 3.0.x (Databricks ML runtimes; setup.py admits it) lacks the keyword and pickles.
-            options["serialization_format"] = "pickle"
-        mlflow.pytorch.log_model(
-            model, name=f"{prefix.strip('.')}_model" if prefix else "model",
-            pip_requirements=["torch", "transformers", "hymirec"], **options,
-        )
+        logged_name = f"{prefix.strip('.')}_model" if prefix else "model"
+        if hasattr(model, "ranking_vectors"):
+            # Content models (HyMiRec, HLLM): a pyfunc that scores histories like the
+            # recommend stage, loadable by name in any process (no pickled module).
+            from hymirec_udfs.recommend.pyfunc import log_pyfunc
+
+            log_pyfunc(ctx.cfg, checkpoint, ctx.cfg.work_dir / "pyfunc" / Path(checkpoint).parent.name,
+                       name=logged_name)
+        else:
+            # SASRec (a baseline, never served: it cannot score unseen items): the torch
+            # module, pickled; it takes index tensors, so there is no array example for pt2.
+            options: dict[str, Any] = {}
+            if "serialization_format" in inspect.signature(mlflow.pytorch.log_model).parameters:
+                options["serialization_format"] = "pickle"
+            mlflow.pytorch.log_model(model, name=logged_name, pip_requirements=["torch", "transformers", "hymirec"],
+                                     **options)
         ctx.logger.artifact(checkpoint, f"{prefix}checkpoint")
         ctx.logger.artifact(str(Path(checkpoint).parent / "item_store"), f"{prefix}checkpoint/item_store")
         ctx.logger.tags({f"hymirec.{prefix}model_type": model_type, f"hymirec.{prefix}checkpoint": checkpoint})

@@ -26,7 +26,7 @@ TINY = [
 ]
 
 
-def test_whole_pipeline_then_noop_rerun(spark, make_cfg, tiny_llama_dir) -> None:
+def test_whole_pipeline_then_noop_rerun(spark, make_cfg, tiny_llama_dir, tmp_path) -> None:
     cfg = make_cfg(f"embed.model={tiny_llama_dir}", *TINY, tracking=True)
     lines: list[str] = []
     jobs = run_pipeline(spark, cfg, echo=lines.append)
@@ -57,6 +57,13 @@ def test_whole_pipeline_then_noop_rerun(spark, make_cfg, tiny_llama_dir) -> None
 
     summary = ran["evaluate"].summary
     assert Path(summary["report"]).is_file() and "hymirec" in summary["metrics_table"]
+    # registered, challenger, and (the first model) champion; recommend served models:/hymirec@champion
+    assert summary["registry.version"] == "1" and summary["promotion.promoted"] == 1
+    assert summary["registry.champion_version"] == "1"
+    served = ran["recommend"].summary
+    assert (served["model_name"], served["model_version"]) == ("hymirec", "1")
+    assert served["model_run_id"] == ran["train"].mlflow_run_id
+    assert {r.model_version for r in store.read(schemas.RECOMMENDATIONS).select("model_version").collect()} == {"1"}
     train_summary = ran["train"].summary
     assert Path(train_summary["best_checkpoint"]).is_file()
 
@@ -65,8 +72,6 @@ def test_whole_pipeline_then_noop_rerun(spark, make_cfg, tiny_llama_dir) -> None
     mlflow.set_tracking_uri(cfg.tracking_uri)
     run = mlflow.get_run(ran["train"].mlflow_run_id)
     assert "loss" in run.data.metrics and run.info.status == "FINISHED"
-    model = mlflow.pytorch.load_model(f"runs:/{ran['train'].mlflow_run_id}/model")
-    assert model is not None
 
     again = run_pipeline(spark, cfg, echo=lines.append)
     assert all(j.skipped for j in again), [(j.stage, j.status) for j in again]
@@ -74,3 +79,47 @@ def test_whole_pipeline_then_noop_rerun(spark, make_cfg, tiny_llama_dir) -> None
     lineage = {r.stage: r for r in runs}
     assert lineage["train"].input_versions[schemas.SEQUENCES] == store.version(schemas.SEQUENCES)
     assert json.loads(lineage["evaluate"].summary)["report"] == summary["report"]
+
+    # The registered pyfunc, loaded by name in a fresh process, gives the recommend stage's lists.
+    _pyfunc_matches_the_stage(spark, cfg, store, tmp_path)
+
+
+def _pyfunc_matches_the_stage(spark, cfg, store, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import mlflow
+    import pyarrow.parquet as pq
+    from pyspark.sql import functions as F
+
+    histories = store.read(schemas.SEQUENCES).select("user_id", "item_ids").orderBy("user_id").limit(12)
+    inputs = tmp_path / "histories.parquet"
+    pq.write_table(histories.toArrow(), inputs)
+    outputs = tmp_path / "pyfunc_out.json"
+    script = (
+        "import sys, json, mlflow, pandas as pd\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "model = mlflow.pyfunc.load_model('models:/hymirec@champion')\n"
+        "out = model.predict(pd.read_parquet(sys.argv[2]))\n"
+        "json.dump({u: [list(i), [float(x) for x in s]] for u, i, s in zip(out.user_id, out['items'], out.scores)},"
+        " open(sys.argv[3], 'w'))\n")
+    proc = subprocess.run([sys.executable, "-c", script, cfg.tracking_uri, str(inputs), str(outputs)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fresh = json.loads(outputs.read_text())
+    recs = store.read(schemas.RECOMMENDATIONS).orderBy("user_id", "rank").toPandas()
+    stage = {u: (g.item_id.tolist(), g.score.tolist()) for u, g in recs.groupby("user_id")}
+    assert set(fresh) == set(histories.toPandas().user_id)
+    for user, (items, scores) in fresh.items():
+        assert items == stage[user][0], user
+        np.testing.assert_allclose(scores, stage[user][1], rtol=1e-5, atol=1e-6)
+
+    # ... and so does mlflow.pyfunc.spark_udf over a DataFrame of histories.
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    udf = mlflow.pyfunc.spark_udf(spark, "models:/hymirec@champion", env_manager="local",
+                                  result_type="user_id string, items array<string>, scores array<float>, "
+                                              "interests array<array<float>>, skipped boolean")
+    scored = histories.select("user_id", udf(F.struct("user_id", "item_ids")).alias("out")).collect()
+    for row in scored:
+        assert row.out["items"] == stage[row.user_id][0], row.user_id
+

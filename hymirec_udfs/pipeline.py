@@ -166,8 +166,11 @@ def run_stage(
                 raise StageFailed(spec.name, exc) from exc
             raise
         outputs = {t: int(store.version(t)) for t in (out.outputs or spec.outputs) if store.exists(t)}
+        # What was committed, read back from each output's version (Parquet footers, no
+        # data scan): the record never rests on the DataFrame the stage meant to write.
+        rows = dict(out.rows) | {f"committed.{t}": int(store.read(t, version=v).count()) for t, v in outputs.items()}
         job = JobRun(spec.name, run_id, "success", config_hash, dict(ctx.input_versions), outputs,
-                     dict(out.rows), dict(out.summary), time.perf_counter() - t0, logger.run_id)
+                     rows, dict(out.summary), time.perf_counter() - t0, logger.run_id)
         logger.tags({f"input_version.{k}": v for k, v in job.input_versions.items()})
         logger.tags({f"output_version.{k}": v for k, v in outputs.items()})
         logger.metrics({f"rows.{k}": v for k, v in job.row_counts.items()})

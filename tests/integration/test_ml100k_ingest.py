@@ -23,7 +23,9 @@ def test_ingest_real_ml100k(spark, make_cfg) -> None:
     assert inter.count() == 100_000
     assert inter.select("user_id").distinct().count() == 943
     assert job.row_counts == {"items": 1682, "interactions": 100_000, "users": 943, "quarantined": 0,
-                              "raw_items": 1682, "raw_interactions": 100_000}
+                              "raw_items": 1682, "raw_interactions": 100_000,
+                              # read back from the committed versions
+                              "committed.items": 1682, "committed.interactions": 100_000}
     toy = store.read(schemas.ITEMS).where("item_id = '1'").first()
     assert toy.text == "Title: Toy Story. Genres: Animation, Children's, Comedy. Content: Released in 1995"
     mlflow.set_tracking_uri(cfg.tracking_uri)

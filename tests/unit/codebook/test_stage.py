@@ -48,11 +48,11 @@ def test_fit_and_encode_cosine(spark, cb_cfg) -> None:
     matrix = _clustered(240, 16)
     _write_embeddings(spark, cfg, matrix)
     fit = run_stage(spark, cfg, "fit-codebook")
-    assert fit.row_counts == {"basepool": 240, "centroids": 16, "catalog": 240}
+    assert fit.row_counts == {"basepool": 240, "centroids": 16, "catalog": 240, "committed.codebooks": 16}
     # Balanced at fit time: every cluster holds at most ceil(240 / 8) = 30 items.
     assert fit.summary["fit_layer0_cluster_size_max"] <= 30 and fit.summary["fit_layer1_cluster_size_max"] <= 30
     enc = run_stage(spark, cfg, "encode")
-    assert enc.row_counts == {"items": 240}
+    assert enc.row_counts == {"items": 240, "committed.item_codes": 240}
     store = get_table_store(spark, cfg)
     codes = store.read(schemas.ITEM_CODES)
     row = codes.first()

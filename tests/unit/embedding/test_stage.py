@@ -89,7 +89,8 @@ def test_empty_text_is_quarantined_not_embedded(spark, make_cfg, tiny_llama_dir)
     store = get_table_store(spark, cfg)
     _write_items(spark, store, [("ok", "fine text"), ("blank", "   ")])
     job = run_stage(spark, cfg, "embed")
-    assert job.row_counts == {"items": 2, "embedded": 1, "quarantined": 1}
+    assert job.row_counts == {"items": 2, "embedded": 1, "quarantined": 1,
+                              "committed.item_embeddings": 1, "committed.quarantine": 1}  # read back
     assert set(_embeddings(store)) == {"ok"}
     q = store.read(schemas.QUARANTINE).first()
     assert (q.stage, q.record_key) == ("embed_items", "blank") and "empty" in q.reason

@@ -130,13 +130,24 @@ def test_driver_killed_during_a_commit_leaves_the_previous_version_and_a_rerun_i
     table_path = str(work / "tables" / "items")
     before = DeltaTable(table_path).version()
 
+    files_before = set(Path(table_path).glob("*.parquet"))
     child = _child(tmp_path, engine, work, "merge")
     marker = tmp_path / "marker"
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and child.poll() is None:
         time.sleep(0.05)
     assert marker.exists(), child.communicate()[0][-3000:]
-    time.sleep(1.5)  # inside the merge: staging written or being committed
+
+    def committing() -> bool:
+        """The commit phase: delta-rs has Spark's staged files (``_SUCCESS``) and is writing;
+        Spark's Delta has written new data files into the table, the log entry not yet."""
+        if engine == "delta-rs":
+            return any((work / "tables" / "_staging").glob("items-*/_SUCCESS"))
+        return bool(set(Path(table_path).glob("*.parquet")) - files_before)
+
+    while not committing() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    assert child.poll() is None, "the merge ended before its commit phase was seen"
     os.killpg(child.pid, signal.SIGKILL)
     child.wait(60)
     assert not (tmp_path / "marker.done").exists(), "the merge finished before the kill; nothing was tested"

@@ -312,17 +312,15 @@ def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
     with_codes = not embeddings_only and (need_codes or ctx.store.exists(schemas.ITEM_CODES))
     if with_codes:
         version, book, _ = latest_codebook(ctx)
-        codes_df = ctx.read(schemas.ITEM_CODES)
-        stale = codes_df.where(codes_df.codebook_version != version).limit(1).count()
-        if stale:
-            raise TrainStageError(
-                f"'item_codes' holds codes of another codebook than the latest ({version}): run encode")
+        # item_codes keeps every version's codes: this store reads the latest codebook's.
+        codes_df = ctx.read(schemas.ITEM_CODES).where(F.col("codebook_version") == version)
         joined = emb.join(codes_df.select(schemas.ITEM_ID, "codes", "coefs"), schemas.ITEM_ID, "left")
         missing_codes = joined.where(F.col("codes").isNull())
         n_missing = missing_codes.count()
         if n_missing:
             named = sorted(r[schemas.ITEM_ID] for r in missing_codes.select(schemas.ITEM_ID).limit(10).collect())
-            raise TrainStageError(f"{n_missing} items have an embedding but no code (e.g. {named}): run encode")
+            raise TrainStageError(f"{n_missing} items have an embedding but no code of codebook {version} "
+                                  f"(e.g. {named}): run encode")
         centroids, metric, layers = book.stacked_centroids("cpu").numpy(), str(book.metric), book.num_layers
     else:
         version, layers, metric = "", 0, "cosine"

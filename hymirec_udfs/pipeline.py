@@ -70,7 +70,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "evaluate", "hymirec_udfs.evaluation.stage:run", (schemas.SEQUENCES, schemas.ITEM_EMBEDDINGS),
             (schemas.EVAL_PER_USER, schemas.EVAL_METRICS),
-            ("embed", "codebook", "sequences", "model", "dmil", "train", "evaluate"), "evaluate",
+            ("embed", "codebook", "sequences", "model", "dmil", "train", "evaluate", "registry"), "evaluate",
         ),
         StageSpec(
             "recommend", "hymirec_udfs.recommend.stage:run", (schemas.SEQUENCES, schemas.ITEM_EMBEDDINGS),
@@ -154,6 +154,12 @@ def run_stage(
             spark.sparkContext.setJobGroup(f"hymirec:{spec.name}", f"hymirec {spec.name} (run {run_id})")
             try:
                 out = spec.function()(spark, cfg, ctx)
+                outputs = {t: int(store.version(t)) for t in (out.outputs or spec.outputs) if store.exists(t)}
+                # What each output table holds after the stage, read back from its committed
+                # version (Parquet footers, no data scan): the record never rests on the
+                # DataFrame the stage meant to write. For merged/dated tables (eval_*,
+                # recommendations) it is the whole table, not this run's share.
+                committed = {f"committed.{t}": int(store.read(t, version=v).count()) for t, v in outputs.items()}
             finally:
                 spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
                 spark.sparkContext.setLocalProperty("spark.job.description", None)
@@ -165,10 +171,7 @@ def run_stage(
             if isinstance(exc, Exception):
                 raise StageFailed(spec.name, exc) from exc
             raise
-        outputs = {t: int(store.version(t)) for t in (out.outputs or spec.outputs) if store.exists(t)}
-        # What was committed, read back from each output's version (Parquet footers, no
-        # data scan): the record never rests on the DataFrame the stage meant to write.
-        rows = dict(out.rows) | {f"committed.{t}": int(store.read(t, version=v).count()) for t, v in outputs.items()}
+        rows = dict(out.rows) | committed
         job = JobRun(spec.name, run_id, "success", config_hash, dict(ctx.input_versions), outputs,
                      rows, dict(out.summary), time.perf_counter() - t0, logger.run_id)
         logger.tags({f"input_version.{k}": v for k, v in job.input_versions.items()})

@@ -77,7 +77,8 @@ def run_fit(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutpu
 
 
 def run_encode(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
-    """Assign every current item embedding to codes and replace ``item_codes``."""
+    """Assign every current item embedding to codes of the latest codebook and replace that
+    version's rows of ``item_codes`` (other versions' rows stay)."""
 
     version, codebook, book_model = latest_codebook(ctx)
     emb = current_embeddings(ctx, cfg)
@@ -93,9 +94,13 @@ def run_encode(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOu
     if max(codebook.ks) > 32767:
         raise CodebookStageError("codes are stored as int16: k must be <= 32767")
     codes_df = encode_catalog(emb, codebook, version)
-    ctx.store.overwrite(schemas.ITEM_CODES, codes_df)
+    # Only this codebook version's rows are replaced: the codes of earlier versions stay
+    # (keyed by item and version), so a model trained on them still reads its own codes.
+    ctx.store.replace_where(schemas.ITEM_CODES, codes_df, f"codebook_version = '{version}'")
 
-    stats = catalog_code_stats(ctx.store.read(schemas.ITEM_CODES), list(codebook.ks), dim=codebook.dim,
-                               with_coefs=str(codebook.metric) == "cosine")
+    from pyspark.sql import functions as F
+
+    mine = ctx.store.read(schemas.ITEM_CODES).where(F.col("codebook_version") == version)
+    stats = catalog_code_stats(mine, list(codebook.ks), dim=codebook.dim, with_coefs=str(codebook.metric) == "cosine")
     return StageOutput(rows={"items": int(stats["n_items"])},
                        summary={"version": version, "metric": str(codebook.metric), **stats})

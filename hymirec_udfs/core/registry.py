@@ -68,8 +68,12 @@ def by_alias(cfg: Config, alias: str) -> Optional[ModelVersion]:
     name = cfg.registry.model_name
     try:
         found = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        # Only "no such model / alias" means none: a locked store or a server error must not
+        # read as "no champion" (the gate would then promote without comparing).
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
     return ModelVersion(name, str(found.version), found.run_id)
 
 

@@ -202,7 +202,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
 MERGE_KEYS: dict[str, tuple[str, ...]] = {
     ITEMS: (ITEM_ID,),
     ITEM_EMBEDDINGS: (ITEM_ID, MODEL_ID),
-    ITEM_CODES: (ITEM_ID,),
+    # every codebook version's codes are kept: a model reads the version it was trained on
+    ITEM_CODES: (ITEM_ID, "codebook_version"),
     EVAL_PER_USER: ("model", "run_id", "split", USER_ID),
     EVAL_METRICS: ("model", "run_id", "split", "k"),
 }

@@ -280,8 +280,11 @@ class DeltaRsStore(TableStore):
                 f"see it (fs.defaultFS={hadoop.get('fs.defaultFS')}); nothing was committed. Give "
                 "paths.tables_dir a scheme (s3a://, abfss://, hdfs://) or use storage.engine=spark."
             )
-        fs, _ = uri.arrow_fs(staging)
-        files = [uri.arrow_fs(f)[1] for f in uri.list_files(staging, ".parquet")]
+        import pyarrow.fs as pafs
+
+        fs, base = uri.arrow_fs(staging)  # one file system for the listing, footers and reads
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base))
+                       if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
         staged_rows = sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
         self.last_staged_rows = staged_rows
 

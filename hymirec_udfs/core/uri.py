@@ -45,7 +45,7 @@ def scheme(location: str) -> str:
 def is_remote(location: str) -> bool:
     """Whether ``location`` is not on this machine's file system (object storage, HDFS, DBFS
     by URI). ``/Volumes/...`` and ``/dbfs/...`` are FUSE mounts: local paths."""
-    return scheme(location) not in ("", "file")
+    return scheme(location) in REMOTE_SCHEMES  # "mlflow:", "package:" specs are not locations
 
 
 def normalize(location: str, setting: str = "location") -> str:

@@ -243,7 +243,12 @@ def evaluate_models(
         per_user = df if per_user is None else per_user.unionByName(df)
     ctx.store.merge(schemas.EVAL_PER_USER, per_user)
     written = ctx.store.read(schemas.EVAL_PER_USER)
-    mine = written.where(F.col("run_id").isin([run_id for _, run_id in models.values()]))
+    # (model, run id) pairs: a champion evaluated earlier as the challenger has rows under
+    # the main model's name with the same run id; they must not be mixed in here.
+    from functools import reduce
+
+    mine = written.where(reduce(lambda a, b: a | b, [(F.col("model") == name) & (F.col("run_id") == rid)
+                                                     for name, (_, rid) in models.items()]))
     metrics = aggregate(mine, cfg.evaluate.ks)
     ctx.store.merge(schemas.EVAL_METRICS, metrics)
     rows = [r.asDict() for r in metrics.orderBy("model", "split", "k").collect()]

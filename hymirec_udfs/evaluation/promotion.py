@@ -76,7 +76,7 @@ def paired_interval(challenger: np.ndarray, champion: np.ndarray, *, confidence:
         return Interval(len(a), diff, diff, diff)
     res = bootstrap((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), paired=True, vectorized=True,
                     n_resamples=resamples, confidence_level=confidence, method="percentile",
-                    random_state=np.random.default_rng(seed))
+                    rng=np.random.default_rng(seed))
     return Interval(len(a), diff, float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 

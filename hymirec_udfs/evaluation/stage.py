@@ -34,7 +34,8 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
 
     checkpoint, run_id = trained_model(ctx, cfg)
     models = {cfg.train.model_type: (checkpoint, run_id)}
-    gated = cfg.registry.enabled and cfg.tracking.enabled
+    # Only servable (content) models enter the registry: SASRec cannot score unseen items.
+    gated = cfg.registry.enabled and cfg.tracking.enabled and cfg.train.model_type != "sasrec"
     champion = None
     if gated:
         from hymirec_udfs.core import registry
@@ -105,7 +106,9 @@ def write_report(
     if ctx.store.exists(schemas.ITEM_CODES):
         # Aggregated in Spark: sum(ks) cluster sizes, and a bounded sample of cosines for
         # the histogram -- never the catalog's codes on the driver.
-        codes_df = ctx.store.read(schemas.ITEM_CODES)
+        from hymirec_udfs.artifacts import latest_codebook
+
+        codes_df = ctx.store.read(schemas.ITEM_CODES).where(F.col("codebook_version") == latest_codebook(ctx)[0])
         exploded = codes_df.select(F.posexplode("codes").alias("layer", "code"))
         counts = exploded.groupBy("layer", "code").count().collect()
         by_layer: dict[int, list[int]] = {}

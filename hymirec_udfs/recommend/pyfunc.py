@@ -80,7 +80,8 @@ def log_pyfunc(cfg: Any, checkpoint: str, work: Path, name: str = "model") -> An
     from hymirec_udfs.evaluation.offline import LoadedModel
     from hymirec_udfs.recommend.serving import write_item_index
 
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # never an earlier model's item index
+    work.mkdir(parents=True)
     ckpt_dir = work / "checkpoint"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir()

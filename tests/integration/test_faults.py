@@ -54,10 +54,13 @@ def test_worker_lost_during_embedding_stage_completes_and_equals_a_clean_run(tmp
 
     out = run_pipeline_on_cluster(
         tmp_path / "faulted", profile="local,ci-tiny", engine="delta-rs", storage="local",
-        sets=("embed.partitions=8", "tracking.enabled=false"), extra_args=("--to", "embed_items"),
+        sets=("embed.partitions=8", "tracking.enabled=false"), extra_args=("--to", "encode_items"),
         conf={"spark.ui.enabled": "true", "spark.ui.port": str(ui)}, during=kill_a_worker_mid_embedding)
     assert killed, f"the embedding job was never seen half done; log {out['log']}"
     assert out["returncode"] == 0 and out["result"].get("status") == "success", out
+    # the ingest-to-encode slice on the cluster with delta-rs and local tables
+    assert {s for s, status in out["result"]["stages"].items() if status == "success"} == {
+        "ingest", "embed_items", "fit_codebook", "encode_items"}, out["result"]
     log = Path(out["log"]).read_text(errors="replace")
     assert "Lost executor" in log or "lost worker" in log.lower() or "Worker removed" in log, log[-3000:]
     print(f"killed worker 0 during job {killed['job']['jobId']} at {killed['job']['numCompletedTasks']}/"

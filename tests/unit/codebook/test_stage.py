@@ -108,6 +108,44 @@ def test_item_store_streamed_from_the_tables(spark, cb_cfg) -> None:
     assert again.path == item_store.path
 
 
+def test_item_codes_keep_every_codebook_version_and_stores_read_the_latest(spark, cb_cfg) -> None:
+    """A refit adds a version's codes beside the old ones (a model trained on the old codebook
+    still finds its codes); re-encoding a version replaces only its own rows."""
+    from pyspark.sql import functions as F
+
+    from hymirec_udfs.artifacts import build_item_store
+
+    cfg = cb_cfg()
+    _write_embeddings(spark, cfg, _clustered(100, 8, seed=2))
+    run_stage(spark, cfg, "fit-codebook")
+    run_stage(spark, cfg, "encode")
+    store = get_table_store(spark, cfg)
+    ctx = StageContext(spark, cfg, store, "t", RunLogger(None), "train")
+    first, _, _ = latest_codebook(ctx)
+    old_codes = {r.item_id: list(r.codes) for r in store.read(schemas.ITEM_CODES).collect()}
+
+    refit = cb_cfg("codebook.ks=[4, 4]")  # another codebook: a new version
+    run_stage(spark, refit, "fit-codebook")
+    run_stage(spark, refit, "encode")
+    second, _, _ = latest_codebook(StageContext(spark, refit, store, "t2", RunLogger(None), "train"))
+    assert second != first
+    by_version = {r.codebook_version: r["count"] for r in store.read(schemas.ITEM_CODES).groupBy("codebook_version")
+                  .count().collect()}
+    assert by_version == {first: 100, second: 100}
+    kept = {r.item_id: list(r.codes) for r in store.read(schemas.ITEM_CODES)
+            .where(F.col("codebook_version") == first).collect()}
+    assert kept == old_codes  # untouched by the refit's encode
+
+    item_store = build_item_store(StageContext(spark, refit, store, "t3", RunLogger(None), "train"), refit)
+    assert item_store.meta["codebook_version"] == second
+    assert int(item_store.codes[1:].max()) < 4  # the k=4 codebook's codes, not the k=8 ones
+    # encoding the same version again replaces its rows (no duplicates), others stay
+    from hymirec_udfs.codebook.stage import run_encode
+
+    run_encode(spark, refit, StageContext(spark, refit, store, "t4", RunLogger(None), "encode_items"))
+    assert store.read(schemas.ITEM_CODES).count() == 200
+
+
 def test_euclidean_variant_stores_unit_coefs(spark, cb_cfg) -> None:
     cfg = cb_cfg("codebook.metric=euclidean")
     _write_embeddings(spark, cfg, _clustered(120, 8, seed=1))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 
 import pytest
 
@@ -139,7 +138,8 @@ def test_staged_write_the_driver_cannot_see_fails_and_commits_nothing(spark, sto
     def stage_elsewhere(self, name, df):
         written = real_stage(self, name, df)  # Spark's files land here ...
         invisible = f"{written}-driver-view"
-        os.makedirs(invisible)  # ... while the driver looks here
+        fs, path = uri.arrow_fs(invisible)
+        fs.create_dir(path)  # ... while the driver looks here (local disk or S3 alike)
         return invisible
 
     monkeypatch.setattr(DeltaRsStore, "_stage", stage_elsewhere)

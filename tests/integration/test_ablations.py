@@ -83,7 +83,7 @@ def test_two_variants_end_to_end(spark, make_cfg, tiny_llama_dir, monkeypatch: p
     monkeypatch.setenv(ablations.ENV_VARIANTS, "euclidean codebook,hymirec")
     job = run_stage(spark, cfg, "ablations")
     variants = ["hymirec", "euclidean codebook"]
-    assert job.status == "success" and job.row_counts == {"variants": 2}
+    assert job.status == "success" and job.row_counts["variants"] == 2
 
     md, csv_path = Path(job.summary["md"]), Path(job.summary["csv"])
     assert md.parent == cfg.reports_dir / f"ablations-{job.run_id}" and md.is_file() and csv_path.is_file()
@@ -104,6 +104,9 @@ def test_two_variants_end_to_end(spark, make_cfg, tiny_llama_dir, monkeypatch: p
     for record in records:
         assert float(record["recall@10"]) == pytest.approx(by_key[(record["variant"], 10)].recall)
     assert all(0.0 <= r.ndcg <= r.recall <= 1.0 and r.users == job.summary["test_users"] > 0 for r in metrics)
+    # read back from the committed versions: 2 variants x 4 cut-offs (test), one row per test user each
+    assert job.row_counts["committed.eval_metrics"] == 8
+    assert job.row_counts["committed.eval_per_user"] == 2 * job.summary["test_users"]
 
     # The Euclidean codebook lived in memory: the tables are unchanged, its store is Euclidean.
     assert {t: store.version(t) for t in tables_before} == tables_before

@@ -58,7 +58,9 @@ def test_every_user_gets_interests_and_top_k_without_history(spark, trained, mon
     seqs = {r.user_id: set(r.item_ids) for r in store.read(schemas.SEQUENCES).collect()}
     recs = _rows(spark, cfg, schemas.RECOMMENDATIONS, "2026-01-01").collect()
     interests = _rows(spark, cfg, schemas.USER_INTERESTS, "2026-01-01").collect()
-    assert job.row_counts == {"users": 40, schemas.USER_INTERESTS: 80, schemas.RECOMMENDATIONS: 800}
+    assert job.row_counts == {"users": 40, schemas.USER_INTERESTS: 80, schemas.RECOMMENDATIONS: 800,
+                              # read back from the committed versions (the first date: the whole tables)
+                              f"committed.{schemas.USER_INTERESTS}": 80, f"committed.{schemas.RECOMMENDATIONS}": 800}
     assert {r.user_id for r in recs} == set(seqs) and len(interests) == 80
     for r in interests:
         assert abs(np.linalg.norm(r.vector) - 1.0) < 1e-5 and r.interest in (0, 1)

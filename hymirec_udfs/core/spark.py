@@ -142,6 +142,14 @@ def get_spark(
     spark = builder.getOrCreate()
     if not launched:
         spark.sparkContext.setLogLevel("ERROR")  # a launcher's log4j settings stay in charge
+    if (cfg is not None and uri.is_remote(cfg.work_uri) and not cfg.paths.local_dir
+            and not spark.sparkContext.master.startswith("local")):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "paths.work_dir is %s and paths.local_dir is empty: checkpoints and the item index go to %s on "
+            "each machine. That is right for a single-host cluster only; on several nodes set paths.local_dir "
+            "to a mount every node sees (/dbfs/..., /Volumes/..., NFS).", cfg.work_uri, cfg.work_dir)
     return spark
 
 

@@ -47,5 +47,6 @@ def test_items_without_codes_are_named(spark, make_cfg, tiny_llama_dir) -> None:
     _tables(spark, cfg, with_codes=True)
     store = get_table_store(spark, cfg)
     ctx = StageContext(spark, cfg, store, "t", RunLogger(None), "train")
-    with pytest.raises(TrainStageError, match=r"2 items have an embedding but no code \(e\.g\. \['i4', 'i5'\]\)"):
+    expected = r"2 items have an embedding but no code of codebook cb \(e\.g\. \['i4', 'i5'\]\): run encode"
+    with pytest.raises(TrainStageError, match=expected):
         build_item_store(ctx, cfg)

@@ -72,14 +72,13 @@ def make_cfg(tmp_path: Path) -> Callable[..., "object"]:
     def _make(*overrides: str, profiles: Sequence[str] = ("local",), tracking: bool = False):
         sets = [f"paths.work_dir={tmp_path / 'work'}", f"tracking.enabled={'true' if tracking else 'false'}"]
         if TEST_STORAGE == "s3":
-            sets = [f"paths.work_dir=s3://{S3_BUCKET}/{tmp_path.name}/work", f"paths.local_dir={tmp_path / 'local'}",
+            from tests.services import BUCKET
+
+            sets = [f"paths.work_dir=s3://{BUCKET}/{tmp_path.name}/work", f"paths.local_dir={tmp_path / 'local'}",
                     sets[1]]
         return load_config(list(profiles), sets + list(overrides))
 
     return _make
-
-
-S3_BUCKET = "hymirec-test"
 
 
 @pytest.fixture

@@ -114,11 +114,6 @@ class Cluster:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
 
-    def executors_alive(self) -> int:
-        """How many executor JVMs the workers run now (their ``app-*`` work dirs in use)."""
-        out = subprocess.run(["pgrep", "-f", "CoarseGrainedExecutorBackend"], capture_output=True, text=True)
-        return len(out.stdout.split())
-
 
 def _spark_class_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     env = {**os.environ, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": "127.0.0.1",

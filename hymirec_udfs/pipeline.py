@@ -21,7 +21,7 @@ import traceback
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from hymirec_udfs.core import schemas
+from hymirec_udfs.core import rundate, schemas
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.lineage import JobRun, record_job_run, up_to_date
 from hymirec_udfs.core.stage_api import StageContext, StageFailed, StageSpec
@@ -53,7 +53,8 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             "fit_codebook", "hymirec_udfs.codebook.stage:run_fit", (schemas.ITEM_EMBEDDINGS,),
-            (schemas.CODEBOOKS,), ("codebook", "embed"), "fit-codebook",
+            (schemas.CODEBOOKS, schemas.CODEBOOK_HEALTH), ("codebook", "embed"), "fit-codebook",
+            fingerprint="hymirec_udfs.core.rundate:fingerprint",
         ),
         StageSpec(
             "encode_items", "hymirec_udfs.codebook.stage:run_encode", (schemas.ITEM_EMBEDDINGS, schemas.CODEBOOKS),
@@ -62,6 +63,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "build_sequences", "hymirec_udfs.sequences.stage:run", (schemas.INTERACTIONS,),
             (schemas.SEQUENCES,), ("sequences",), "build-sequences",
+            fingerprint="hymirec_udfs.core.rundate:fingerprint",
         ),
         StageSpec(
             "train", "hymirec_udfs.recommender.stage:run", (schemas.SEQUENCES, schemas.ITEM_EMBEDDINGS),
@@ -144,6 +146,9 @@ def run_stage(
     tags = {"hymirec.stage": spec.name, "hymirec.run_id": run_id, "hymirec.profile": cfg.profile}
     if pipeline_run_id:
         tags["hymirec.pipeline_run_id"] = pipeline_run_id
+    day = rundate.run_date()
+    if day:
+        tags["hymirec.run_date"] = day.isoformat()
     with mlflow_run(cfg, spec.name, nested=nested, tags=tags) as logger:
         ctx = StageContext(spark, cfg, store, run_id, logger, spec.name)
         logger.params(_flatten({s: dataclasses.asdict(getattr(cfg, s)) for s in spec.config_sections}))
@@ -172,8 +177,9 @@ def run_stage(
                 raise StageFailed(spec.name, exc) from exc
             raise
         rows = dict(out.rows) | committed
+        summary = dict(out.summary) | ({"run_date": day.isoformat()} if day else {})
         job = JobRun(spec.name, run_id, "success", config_hash, dict(ctx.input_versions), outputs,
-                     rows, dict(out.summary), time.perf_counter() - t0, logger.run_id)
+                     rows, summary, time.perf_counter() - t0, logger.run_id)
         logger.tags({f"input_version.{k}": v for k, v in job.input_versions.items()})
         logger.tags({f"output_version.{k}": v for k, v in outputs.items()})
         logger.metrics({f"rows.{k}": v for k, v in job.row_counts.items()})

@@ -320,8 +320,12 @@ def lloyd(
     device: torch.device,
     n_candidates: int,
     weight_by_norm: bool = False,
+    init_centroids: torch.Tensor | None = None,
 ) -> KMeansResult:
     """Lloyd iterations with an optional capacity-constrained assignment step.
+
+    ``init_centroids`` (``(k, D)``) warm-starts the fit from given centroids (a daily
+    refit from the pinned codebook) instead of k-means++ seeding.
 
     Hand-written because no maintained library does this at catalog scale: faiss' k-means
     has no balance constraint, and k-means-constrained solves every assignment as a
@@ -345,9 +349,14 @@ def lloyd(
     # normalised sum) then weights each row by its norm.
     inv_norms = inverse_norms(sq_norms) if spherical and not weight_by_norm else None
     generator = torch.Generator().manual_seed(seed)
-    centroids = _seed_centroids(
-        x, k, spherical=spherical, inv_norms=inv_norms, device=device, generator=generator
-    )
+    if init_centroids is not None:
+        if tuple(init_centroids.shape) != (k, d):
+            raise CodebookInputError(f"init_centroids has shape {tuple(init_centroids.shape)}; expected ({k}, {d})")
+        centroids = init_centroids.to(device=device, dtype=torch.float32).clone()
+    else:
+        centroids = _seed_centroids(
+            x, k, spherical=spherical, inv_norms=inv_norms, device=device, generator=generator
+        )
     m = min(n_candidates, k) if balance else 1
     if spherical:
         point_sq = torch.where(sq_norms > 0, torch.ones_like(sq_norms), sq_norms)

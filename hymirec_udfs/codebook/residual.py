@@ -277,6 +277,7 @@ def fit_residual_codebook(
     device: DeviceLike = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     capacity_slack: float = 1.0,
+    init: ResidualCodebook | None = None,
 ) -> tuple[ResidualCodebook, FitReport]:
     """Fit a residual codebook layer by layer on a basepool of item embeddings.
 
@@ -315,6 +316,8 @@ def fit_residual_codebook(
         device: compute device (None: the input's, ``"auto"``: a GPU when present).
         chunk_size: rows per streamed block.
         capacity_slack: cap factor for the balanced fit.
+        init: warm start: each layer's k-means starts from this codebook's centroids of
+            that layer (same ``ks`` and D) instead of k-means++ (the daily refit).
 
     Returns:
         The codebook (centroids on CPU) and a :class:`FitReport`.
@@ -342,6 +345,9 @@ def fit_residual_codebook(
     n_fit = x.shape[0]
     for layer, k in enumerate(ks):
         check_k(k, n_fit, layer)
+    if init is not None and (init.ks != ks or init.dim != d):
+        raise CodebookInputError(
+            f"warm start from a codebook of ks={init.ks}, D={init.dim}; this fit has ks={ks}, D={d}")
 
     residual = torch.empty((n_fit, d), dtype=torch.float32, device=dev)
     for start, stop in row_chunks(n_fit, chunk_size):
@@ -366,6 +372,7 @@ def fit_residual_codebook(
             device=dev,
             n_candidates=DEFAULT_CANDIDATES,
             weight_by_norm=spherical,
+            init_centroids=None if init is None else init.centroids[layer],
         )
         seconds = time.perf_counter() - t0
         for start, stop in row_chunks(n_fit, chunk_size):

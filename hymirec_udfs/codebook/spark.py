@@ -70,12 +70,15 @@ def _encode_batch(batch: "pa.RecordBatch", book: "ResidualCodebook", version: st
         raise CodebookStageError(
             f"cannot encode {bad.size} item embedding(s): item ids {item_ids.take(bad[:5]).to_pylist()}: {err}"
         ) from err
-    return codes_batch(item_ids, codes, coefs, recon, version, schema)
+    hashes = (batch.column(batch.schema.get_field_index(schemas.CONTENT_HASH))
+              if schemas.CONTENT_HASH in batch.schema.names else None)
+    return codes_batch(item_ids, codes, coefs, recon, version, schema, content_hash=hashes)
 
 
 def codes_batch(item_ids: "pa.Array", codes: np.ndarray, coefs: np.ndarray, recon: np.ndarray, version: str,
-                schema: Optional["pa.Schema"] = None) -> "pa.RecordBatch":
-    """``item_codes`` rows as one Arrow batch, built from flat buffers plus offsets."""
+                schema: Optional["pa.Schema"] = None, *, content_hash: Optional["pa.Array"] = None) -> "pa.RecordBatch":
+    """``item_codes`` rows as one Arrow batch, built from flat buffers plus offsets
+    (``content_hash``: the embeddings' hashes; empty strings when not given)."""
     import pyarrow as pa
 
     n, layers = codes.shape
@@ -87,6 +90,7 @@ def codes_batch(item_ids: "pa.Array", codes: np.ndarray, coefs: np.ndarray, reco
             pa.ListArray.from_arrays(offsets, pa.array(coefs.astype(np.float32, copy=False).ravel())),
             pa.array(np.full(n, version, dtype=object), pa.string()),
             pa.array(recon.astype(np.float32, copy=False)),
+            content_hash if content_hash is not None else pa.array([""] * len(item_ids), pa.string()),
         ],
         schema=schema or schemas.arrow_schema(schemas.ITEM_CODES),
     )
@@ -124,7 +128,8 @@ def encode_frame(df: "DataFrame", codebook: "ResidualCodebook", version: str) ->
             if batch.num_rows:
                 yield _encode_batch(batch, book, version, out_schema)
 
-    return df.select(schemas.ITEM_ID, "embedding").mapInArrow(assign, schemas.spark_schema(schemas.ITEM_CODES))
+    columns = [schemas.ITEM_ID, "embedding"] + ([schemas.CONTENT_HASH] if schemas.CONTENT_HASH in df.columns else [])
+    return df.select(*columns).mapInArrow(assign, schemas.spark_schema(schemas.ITEM_CODES))
 
 
 def encode_catalog(emb: "DataFrame", codebook: "ResidualCodebook", version: str) -> "DataFrame":

@@ -38,6 +38,34 @@ class IngestSource(Choice):
     SYNTHETIC = "synthetic"
 
 
+class IngestMode(Choice):
+    """``snapshot``: the raw files are the whole catalog and log (tables replaced);
+    ``incremental``: the run date's increment is merged into the tables."""
+
+    SNAPSHOT = "snapshot"
+    INCREMENTAL = "incremental"
+
+
+class RefitPolicy(Choice):
+    """When ``fit_codebook`` fits a new codebook version.
+
+    ``auto``: the first time for an embedding model, when the drift score trips
+    ``codebook.drift_threshold``, or every ``codebook.refit_every_days``; ``always``: every
+    run (forced); ``never``: keep the pinned codebook (health is still recorded)."""
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class WarmStart(Choice):
+    """``auto``: train from the champion's weights while its codebook version is current;
+    ``never``: always train from scratch."""
+
+    AUTO = "auto"
+    NEVER = "never"
+
+
 class Pooling(Choice):
     """How the per-token hidden states become one item vector."""
 
@@ -142,6 +170,9 @@ class Trainable(Choice):
 CONFIG_CHOICES: dict[str, type[Choice]] = {
     "storage.engine": StorageEngine,
     "ingest.source": IngestSource,
+    "ingest.mode": IngestMode,
+    "codebook.refit": RefitPolicy,
+    "train.warm_start": WarmStart,
     "embed.pooling": Pooling,
     "embed.dtype": EmbedDtype,
     "embed.on_model_change": OnModelChange,

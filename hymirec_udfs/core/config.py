@@ -141,6 +141,16 @@ class IngestConfig:
             empty is left out.
         max_quarantine_fraction: the job fails when more than this share of raw rows
             is quarantined.
+        mode: ``snapshot`` (the raw files are the whole catalog and log; the tables are
+            replaced) or ``incremental`` (needs ``--run-date D``: D's increment files are
+            merged: interactions idempotently by user, item, timestamp and source order,
+            the catalog upserted; see :mod:`hymirec_udfs.ingest.incremental`).
+        increment_items: incremental: the run date's item file, ``{date}`` replaced by
+            D (YYYY-MM-DD), relative to data_dir or absolute; format ``source``
+            (``csv`` or ``parquet``), columns mapped by the ``*_col`` keys.
+        increment_interactions: incremental: the run date's interaction file, as above.
+        removed_col: incremental: optional item column; a true value (1, true, yes)
+            marks the item removed as of D (never recommended after D).
     """
 
     source: str = "ml-100k"
@@ -159,6 +169,10 @@ class IngestConfig:
         default_factory=lambda: ["Title: {title}", "Genres: {tags}", "Content: {description}"]
     )
     max_quarantine_fraction: float = 0.05
+    mode: str = "snapshot"
+    increment_items: str = "{date}/items.csv"
+    increment_interactions: str = "{date}/interactions.csv"
+    removed_col: str = "removed"
 
 
 @dataclass
@@ -227,6 +241,17 @@ class CodebookConfig:
         balance: capacity-constrained assignment while fitting.
         seed: RNG seed for sampling and init.
         device: ``auto``, ``cpu`` or ``cuda``.
+        refit: ``auto``, ``always`` or ``never`` (:class:`~hymirec_udfs.core.choices.RefitPolicy`);
+            between refits new items are encoded with the pinned codebook.
+        drift_threshold: ``auto`` refits when the drift score (README, "Daily runs") of
+            the run's new items reaches this.
+        refit_every_days: ``auto`` also refits when the pinned codebook is this many run
+            dates old (0: never on a schedule).
+        min_new_items: fewer new items than this never trip the drift score (noise).
+        holdout_fraction: share of the basepool kept out of the fit to calibrate the
+            drift score's reference (0: the basepool itself, optimistic).
+        warm_start: a refit starts from the pinned codebook's centroids, and each layer's
+            new centroids are matched to the old code ids (Hungarian on centroid cosine).
     """
 
     metric: str = "cosine"
@@ -236,6 +261,12 @@ class CodebookConfig:
     balance: bool = True
     seed: int = 0
     device: str = "auto"
+    refit: str = "auto"
+    drift_threshold: float = 0.5
+    refit_every_days: int = 0
+    min_new_items: int = 20
+    holdout_fraction: float = 0.0
+    warm_start: bool = True
 
 
 @dataclass
@@ -356,6 +387,10 @@ class TrainConfig:
         bucket_batches: length-bucketing window in batches (0/1: plain shuffled batches).
         item_store_dtype: embedding dtype of the memory-mapped item store the ranks read
             (``float16``: half the bytes; ``float32``: the tables' values exactly).
+        warm_start: ``never`` or ``auto`` (:class:`~hymirec_udfs.core.choices.WarmStart`):
+            start from the champion's weights (else the latest train run's) while the
+            codebook version and model shape it was trained with are current.
+        warm_start_epochs: epochs of a warm-started run (``epochs`` for a full one).
     """
 
     model_type: str = "hymirec"
@@ -376,6 +411,8 @@ class TrainConfig:
     torch_threads: int = 0
     bucket_batches: int = 50
     item_store_dtype: str = "float16"
+    warm_start: str = "never"
+    warm_start_epochs: int = 2
 
 
 @dataclass

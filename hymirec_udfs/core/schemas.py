@@ -21,6 +21,7 @@ QUARANTINE = "quarantine"
 ITEM_EMBEDDINGS = "item_embeddings"
 CODEBOOKS = "codebooks"
 ITEM_CODES = "item_codes"
+CODEBOOK_HEALTH = "codebook_health"
 SEQUENCES = "sequences"
 EVAL_PER_USER = "eval_per_user"
 EVAL_METRICS = "eval_metrics"
@@ -58,6 +59,11 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             pa.field(TEXT, pa.string(), nullable=False),
             pa.field("source", pa.string(), nullable=False),
             pa.field("ingested_at", _TS, nullable=False),
+            # incremental ingestion: the run date that first brought the item (null: a
+            # snapshot), and the run date that removed it (null: live). Recommendations
+            # as of D only hold items with valid_from <= D and no removed_on <= D.
+            pa.field("valid_from", pa.date32()),
+            pa.field("removed_on", pa.date32()),
         ]
     ),
     INTERACTIONS: pa.schema(
@@ -111,6 +117,29 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             pa.field("coefs", pa.list_(pa.float32()), nullable=False),
             pa.field("codebook_version", pa.string(), nullable=False),
             pa.field("recon_cosine", pa.float32(), nullable=False),
+            # the embedding's content hash: a changed text is re-encoded, nothing else
+            pa.field(CONTENT_HASH, pa.string(), nullable=False),
+        ]
+    ),
+    CODEBOOK_HEALTH: pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field(AS_OF_DATE, pa.date32()),
+            pa.field("codebook_version", pa.string(), nullable=False),
+            pa.field("model_id", pa.string(), nullable=False),
+            pa.field("new_items", pa.int64(), nullable=False),
+            pa.field("new_recon_cosine", pa.float64()),
+            pa.field("reference_recon_cosine", pa.float64(), nullable=False),
+            pa.field("cosine_floor", pa.float64(), nullable=False),
+            pa.field("share_below_floor", pa.float64()),
+            pa.field("occupancy_skew", pa.float64()),
+            pa.field("collision_rate", pa.float64()),
+            pa.field("drift_score", pa.float64()),
+            pa.field("drift_threshold", pa.float64(), nullable=False),
+            pa.field("refit", pa.bool_(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("new_version", pa.string()),
+            pa.field("created_at", _TS, nullable=False),
         ]
     ),
     SEQUENCES: pa.schema(

@@ -7,6 +7,7 @@ The formats are listed in :mod:`hymirec_udfs.ingest.stage`.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -194,6 +195,8 @@ def read_generic(spark: "SparkSession", cfg: IngestConfig, item_path: Path, inte
         col(items_df, cfg.description_col, "description_col", False).alias("description"),
         col(items_df, cfg.tags_col, "tags_col", False).alias("tags"),
         raw_items.alias("raw_record"),
+        # incremental ingestion's removal flag (absent column: nothing removed)
+        col(items_df, cfg.removed_col, "removed_col", False).alias("removed"),
     )
     inter = inter_df.select(
         col(inter_df, cfg.user_id_col, "user_id_col", True).alias(schemas.USER_ID),
@@ -204,6 +207,26 @@ def read_generic(spark: "SparkSession", cfg: IngestConfig, item_path: Path, inte
         schemas.SOURCE_ORDER,
     )
     return RawFrames(items, inter, cfg.source)
+
+
+def increment_files(cfg: IngestConfig, day: "dt.date") -> tuple[Path, Path]:
+    """The run date's increment files (``ingest.increment_items`` / ``increment_interactions``
+    with ``{date}`` replaced), relative to ``ingest.data_dir``; each must exist.
+
+    Raises:
+        IngestError: a file is missing (named, with the setting and the date).
+    """
+    if not cfg.data_dir:
+        raise IngestError("ingest.mode=incremental needs ingest.data_dir (where the dated increments are)")
+    paths = []
+    for key in ("increment_items", "increment_interactions"):
+        path = Path(getattr(cfg, key).format(date=day.isoformat()))
+        path = path if path.is_absolute() else Path(cfg.data_dir) / path
+        if not path.exists():
+            raise IngestError(f"increment for {day} not found: {path} (ingest.{key}); a day without new rows needs"
+                              " a file with the header only")
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def read_raw(spark: "SparkSession", cfg: Config) -> RawFrames:

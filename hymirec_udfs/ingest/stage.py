@@ -20,19 +20,29 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from hymirec_udfs.core import schemas
+from hymirec_udfs.core.choices import IngestMode
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
 from hymirec_udfs.ingest.raw import IngestError
 from hymirec_udfs.ingest.sources import raw_files, read_raw
-from hymirec_udfs.ingest.validate import validate_interactions, validate_items
+from hymirec_udfs.ingest.validate import quarantine_rows, validate_interactions, validate_items
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
 
 
 def raw_fingerprint(cfg: Config) -> str:
-    """Fingerprint of the raw inputs (paths, sizes, mtimes) for the pipeline's skip check."""
-    parts = [f"{p}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in raw_files(cfg.ingest)]
+    """Fingerprint of the raw inputs (paths, sizes, mtimes) for the pipeline's skip check;
+    in incremental mode, of the run date's increment files."""
+    if cfg.ingest.mode == IngestMode.INCREMENTAL:
+        from hymirec_udfs.core import rundate
+        from hymirec_udfs.ingest.sources import increment_files
+
+        day = rundate.run_date()
+        files = list(increment_files(cfg.ingest, day)) if day else []
+    else:
+        files = raw_files(cfg.ingest)
+    parts = [f"{p}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
@@ -46,6 +56,10 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     """
     from pyspark.sql import functions as F
 
+    if cfg.ingest.mode == IngestMode.INCREMENTAL:
+        from hymirec_udfs.ingest.incremental import run_incremental
+
+        return run_incremental(spark, cfg, ctx)
     raw = read_raw(spark, cfg)
     numeric = raw.source in ("ml-100k", "ml-100k-grouplens", "ml-1m")
     raw_items = raw.items.cache()
@@ -56,14 +70,7 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     inter = inter.cache()
 
     now = dt.datetime.now(dt.timezone.utc)
-    quarantine = (
-        bad_items.withColumn("source", F.lit(f"{raw.source}:items"))
-        .unionByName(bad_inter.withColumn("source", F.lit(f"{raw.source}:interactions")))
-        .select(
-            F.lit("ingest").alias("stage"), "source", "record_key", "raw_record", "reason",
-            F.lit(ctx.run_id).alias("run_id"), F.lit(now).cast("timestamp").alias("quarantined_at"),
-        )
-    ).cache()
+    quarantine = quarantine_rows(bad_items, bad_inter, raw.source, ctx.run_id, now).cache()
 
     n_raw_items, n_raw_inter = raw_items.count(), raw_inter.count()
     n_items, n_inter = items.count(), inter.count()
@@ -90,6 +97,7 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
         items.select(
             schemas.ITEM_ID, "title", "description", "tags", "text",
             F.lit(raw.source).alias("source"), F.lit(now).cast("timestamp").alias("ingested_at"),
+            F.lit(None).cast("date").alias("valid_from"), F.lit(None).cast("date").alias("removed_on"),
         ),
     )
     ctx.store.overwrite(

@@ -6,6 +6,7 @@ Nothing is dropped silently: every rejected row keeps its raw record and a reaso
 
 from __future__ import annotations
 
+import datetime as dt
 import string
 from typing import TYPE_CHECKING, Sequence
 
@@ -122,3 +123,18 @@ def validate_interactions(raw: "DataFrame", items: "DataFrame", numeric_ids: boo
         schemas.SOURCE_ORDER,
     )
     return good, bad
+
+
+def quarantine_rows(bad_items: "DataFrame", bad_inter: "DataFrame", source: str, run_id: str,
+                    now: "dt.datetime") -> "DataFrame":
+    """``quarantine`` rows of one ingest run (items' and interactions' rejects)."""
+    from pyspark.sql import functions as F
+
+    return (
+        bad_items.withColumn("source", F.lit(f"{source}:items"))
+        .unionByName(bad_inter.withColumn("source", F.lit(f"{source}:interactions")))
+        .select(
+            F.lit("ingest").alias("stage"), "source", "record_key", "raw_record", "reason",
+            F.lit(run_id).alias("run_id"), F.lit(now).cast("timestamp").alias("quarantined_at"),
+        )
+    )

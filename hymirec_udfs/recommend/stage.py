@@ -23,13 +23,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 
-from hymirec_udfs.core import schemas
+from hymirec_udfs.core import rundate, schemas
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
 from hymirec_udfs.recommend.serving import _worker, score_batch, write_item_index
@@ -48,13 +47,10 @@ class RecommendError(ValueError):
 
 def as_of_date() -> dt.date:
     """The run's as-of date: ``--run-date`` / the notebook widget, else today (UTC)."""
-    raw = os.environ.get("HYMIREC_RUN_DATE", "")
-    if not raw:
-        return dt.datetime.now(dt.timezone.utc).date()
     try:
-        return dt.date.fromisoformat(raw)
-    except ValueError:
-        raise RecommendError(f"--run-date {raw!r} is not a date (YYYY-MM-DD)") from None
+        return rundate.as_of_date()
+    except rundate.RunDateError as exc:
+        raise RecommendError(str(exc)) from None
 
 
 def as_of_fingerprint(cfg: Config) -> str:

@@ -12,13 +12,17 @@ the next ``w`` training items as targets), and evaluation cuts the valid/test sa
 per-cut rows were O(T x min(T, max_long)). Every row carries its user's ``shard`` and the
 table is written sorted by it, so each training rank reads the rows of its own users
 (:func:`hymirec_udfs.core.shards.read_rank_share`).
+
+With a run date (``--run-date D``) only interactions before the end of D are used
+(:mod:`hymirec_udfs.core.rundate`): the table, and everything trained, evaluated and
+served from it, is "as of D", so a backfill of D rebuilds D's sequences exactly.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hymirec_udfs.core import schemas
+from hymirec_udfs.core import rundate, schemas
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.shards import SHARD_COLUMN
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
@@ -41,8 +45,17 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
             f"table 'interactions' has no '{schemas.SOURCE_ORDER}' column (written by an older ingest):"
             " run `hymirec ingest` again (or `pipeline run --force`)")
     inter = inter.select(schemas.USER_ID, schemas.ITEM_ID, "timestamp", schemas.SOURCE_ORDER)
+    day = rundate.run_date()
+    after = 0
+    if day is not None:
+        from pyspark.sql import functions as F
+
+        later = F.col("timestamp") >= F.lit(rundate.cutoff_epoch(day))
+        after = inter.where(later).count()
+        inter = inter.where(~later)
     if inter.limit(1).count() == 0:
-        raise SequenceError("table 'interactions' is empty: nothing to build sequences from")
+        raise SequenceError("table 'interactions' is empty: nothing to build sequences from"
+                            + (f" as of the run date {day}" if day else ""))
     for table in (schemas.ITEM_EMBEDDINGS, schemas.ITEM_CODES):
         if ctx.store.exists(table):
             known = ctx.read(table).select(schemas.ITEM_ID).distinct()
@@ -74,7 +87,7 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     return StageOutput(
         rows={"train_samples": counts["train"], "valid_samples": counts["valid"], "test_samples": counts["test"],
               "users": kept, "users_skipped_short": users - kept,
-              "history_items": counts["items"]},
-        summary={"split": cfg.sequences.split, "mean_train_samples_per_user":
-                 counts["train"] / kept if kept else 0.0},
+              "history_items": counts["items"], "interactions_after_run_date": after},
+        summary={"split": cfg.sequences.split, "as_of": day.isoformat() if day else "all",
+                 "mean_train_samples_per_user": counts["train"] / kept if kept else 0.0},
     )

@@ -26,11 +26,12 @@ def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _write_embeddings(spark, cfg, matrix: np.ndarray) -> str:
+def _write_embeddings(spark, cfg, matrix: np.ndarray, tag: str = "") -> str:
+    """Items i0.. with content hashes h<j><tag> (a new tag: every item's content changed)."""
     from hymirec_udfs.artifacts import current_model_id
 
     model_id = current_model_id(cfg.embed)
-    rows = [(f"i{j}", [float(v) for v in vec], len(vec), model_id, f"h{j}", NOW) for j, vec in enumerate(matrix)]
+    rows = [(f"i{j}", [float(v) for v in vec], len(vec), model_id, f"h{j}{tag}", NOW) for j, vec in enumerate(matrix)]
     store = get_table_store(spark, cfg)
     store.overwrite(schemas.ITEM_EMBEDDINGS, spark.createDataFrame(rows, schemas.spark_schema(schemas.ITEM_EMBEDDINGS)))
     return model_id
@@ -48,11 +49,13 @@ def test_fit_and_encode_cosine(spark, cb_cfg) -> None:
     matrix = _clustered(240, 16)
     _write_embeddings(spark, cfg, matrix)
     fit = run_stage(spark, cfg, "fit-codebook")
-    assert fit.row_counts == {"basepool": 240, "centroids": 16, "catalog": 240, "committed.codebooks": 16}
+    assert fit.row_counts == {"basepool": 240, "centroids": 16, "catalog": 240, "new_items": 240,
+                              "committed.codebooks": 16, "committed.codebook_health": 1}
+    assert fit.summary["refit"] and fit.summary["reason"] == "no codebook for the current embedding model"
     # Balanced at fit time: every cluster holds at most ceil(240 / 8) = 30 items.
     assert fit.summary["fit_layer0_cluster_size_max"] <= 30 and fit.summary["fit_layer1_cluster_size_max"] <= 30
     enc = run_stage(spark, cfg, "encode")
-    assert enc.row_counts == {"items": 240, "committed.item_codes": 240}
+    assert enc.row_counts == {"items": 240, "encoded": 240, "committed.item_codes": 240}
     store = get_table_store(spark, cfg)
     codes = store.read(schemas.ITEM_CODES)
     row = codes.first()
@@ -205,14 +208,14 @@ def test_encode_names_bad_items_and_keeps_the_previous_item_codes(spark, cb_cfg)
 
     bad = good.copy()
     bad[7, 2] = np.nan
-    _write_embeddings(spark, cfg, bad)
+    _write_embeddings(spark, cfg, bad, tag="-changed")  # changed items are re-encoded
     with pytest.raises(StageFailed, match=r"(?s)item ids \['i7'\].*NaN"):
         run_stage(spark, cfg, "encode")
     assert store.version(schemas.ITEM_CODES) == version
 
     # A row whose array is shorter than its declared dim: named, never reshaped across rows.
     model_id = current_model_id(cfg.embed)
-    rows = [(f"i{j}", [float(v) for v in (vec[:7] if j == 11 else vec)], 8, model_id, f"h{j}", NOW)
+    rows = [(f"i{j}", [float(v) for v in (vec[:7] if j == 11 else vec)], 8, model_id, f"h{j}-v3", NOW)
             for j, vec in enumerate(good)]
     store.overwrite(schemas.ITEM_EMBEDDINGS, spark.createDataFrame(rows, schemas.spark_schema(schemas.ITEM_EMBEDDINGS)))
     with pytest.raises(StageFailed, match=r"dimension 8 \(item ids \['i11'\], lengths \[7\]\)"):
@@ -220,3 +223,76 @@ def test_encode_names_bad_items_and_keeps_the_previous_item_codes(spark, cb_cfg)
     assert store.version(schemas.ITEM_CODES) == version
     assert store.count(schemas.ITEM_CODES) == 40
 
+
+
+def _drifted(n: int, d: int) -> np.ndarray:
+    """Items from another distribution: one direction the fit never saw, plus noise."""
+    rng = np.random.default_rng(99)
+    x = 3.0 * rng.normal(size=(1, d)) + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _health(spark, cfg) -> list:
+    return get_table_store(spark, cfg).read(schemas.CODEBOOK_HEALTH).orderBy("created_at").collect()
+
+
+def test_daily_new_items_are_encoded_with_the_pinned_codebook(spark, cb_cfg) -> None:
+    """New items of the same distribution: no refit, only they are encoded, same version."""
+    cfg = cb_cfg("codebook.min_new_items=5", "codebook.holdout_fraction=0.2")
+    matrix = _clustered(260, 16)
+    _write_embeddings(spark, cfg, matrix[:220])
+    first = run_stage(spark, cfg, "fit-codebook")
+    run_stage(spark, cfg, "encode")
+    store = get_table_store(spark, cfg)
+    codes_before = {r.item_id: list(r.codes) for r in store.read(schemas.ITEM_CODES).collect()}
+
+    _write_embeddings(spark, cfg, matrix)  # 40 new items, the 220 unchanged
+    fit = run_stage(spark, cfg, "fit-codebook")
+    assert not fit.summary["refit"] and fit.summary["reason"].startswith("pinned: drift")
+    assert fit.summary["version"] == first.summary["version"] and fit.row_counts["new_items"] == 40
+    health = _health(spark, cfg)[-1]
+    assert health.new_items == 40 and not health.refit and health.drift_score < cfg.codebook.drift_threshold
+    assert 0 < health.reference_recon_cosine < 1 and health.occupancy_skew >= 1 and health.collision_rate >= 0
+    enc = run_stage(spark, cfg, "encode")
+    assert enc.row_counts["encoded"] == 40 and enc.summary["encode_mode"] == "incremental"
+    codes = {r.item_id: list(r.codes) for r in store.read(schemas.ITEM_CODES).collect()}
+    assert len(codes) == 260 and all(codes[i] == c for i, c in codes_before.items())
+    # a re-run encodes nothing and writes nothing
+    version = store.version(schemas.ITEM_CODES)
+    assert run_stage(spark, cfg, "encode").row_counts["encoded"] == 0
+    assert store.version(schemas.ITEM_CODES) == version
+
+
+def test_drift_trips_a_warm_aligned_refit_that_keeps_most_codes(spark, cb_cfg) -> None:
+    """Items from another distribution trip the drift score; the refit is warm-started and
+    aligned, so most items keep their codes (and far more than a cold refit keeps)."""
+    from pyspark.sql import functions as F
+
+    cfg = cb_cfg("codebook.min_new_items=5", "codebook.holdout_fraction=0.2")
+    base = _clustered(240, 16)
+    _write_embeddings(spark, cfg, base)
+    first = run_stage(spark, cfg, "fit-codebook")
+    run_stage(spark, cfg, "encode")
+    _write_embeddings(spark, cfg, np.concatenate([base, _drifted(40, 16)]))
+    fit = run_stage(spark, cfg, "fit-codebook")
+    assert fit.summary["refit"] and fit.summary["reason"].startswith("drift")
+    assert fit.summary["warm_started"] and fit.summary["parent_version"] == first.summary["version"]
+    health = _health(spark, cfg)[-1]
+    assert health.refit and health.drift_score >= cfg.codebook.drift_threshold
+    assert health.new_version == fit.summary["version"]
+    enc = run_stage(spark, cfg, "encode")
+    assert enc.summary["encode_mode"] == "full" and enc.summary["codes_compared"] == 240
+    aligned = enc.summary["codes_unchanged"]
+
+    # the same refit, cold and unaligned (another seed), for comparison
+    cold = cb_cfg("codebook.refit=always", "codebook.warm_start=false", "codebook.seed=7")
+    run_stage(spark, cold, "fit-codebook")
+    store = get_table_store(spark, cfg)
+    versions = [r.version for r in store.read(schemas.CODEBOOKS).select("version", "created_at").distinct()
+                .orderBy("created_at").collect()]
+    run_stage(spark, cold, "encode")
+    new = store.read(schemas.ITEM_CODES).where(F.col("codebook_version") == versions[-1]).alias("n")
+    old = store.read(schemas.ITEM_CODES).where(F.col("codebook_version") == versions[0]).alias("o")
+    unaligned = new.join(old, "item_id").agg(F.avg((F.col("n.codes") == F.col("o.codes")).cast("double"))).first()[0]
+    print("codes unchanged (all layers): aligned", aligned, "unaligned", unaligned)
+    assert aligned >= 0.5 and aligned > unaligned + 0.3, (aligned, unaligned)

@@ -26,7 +26,7 @@ def _tables(spark, cfg, with_codes: bool) -> None:
     book = [("cb", 0, c, [1.0 if k == c else 0.0 for k in range(4)], "cosine", 1, mid, "{}", NOW) for c in range(4)]
     store.overwrite(schemas.CODEBOOKS, spark.createDataFrame(book, schemas.spark_schema(schemas.CODEBOOKS)))
     if with_codes:
-        codes = [(f"i{j}", [j % 4], [1.0], "cb", 1.0) for j in range(4)]  # i4, i5 have no code
+        codes = [(f"i{j}", [j % 4], [1.0], "cb", 1.0, "h") for j in range(4)]  # i4, i5 have no code
         store.overwrite(schemas.ITEM_CODES, spark.createDataFrame(codes, schemas.spark_schema(schemas.ITEM_CODES)))
     seqs = spark.createDataFrame([], schemas.spark_schema(schemas.SEQUENCES))
     store.overwrite(schemas.SEQUENCES, seqs)

@@ -13,6 +13,7 @@ directory one partition at a time; :func:`latest_codebook` collects one codebook
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,7 +283,7 @@ def _stream_blocks(df: "DataFrame", columns: dict[str, tuple[str, int]], n_rows:
 
 
 def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
-                     embeddings_only: bool = False) -> "ItemStore":
+                     embeddings_only: bool = False, live_on: Optional["dt.date"] = None) -> "ItemStore":
     """The tables' catalog as an item store directory (current embeddings, codes, codebook).
 
     Streamed: executors pack rows into binary blocks (``mapInArrow``), the driver pulls
@@ -304,6 +305,14 @@ def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
     from hymirec_udfs.recommender.item_store import ItemStore, ItemStoreWriter
 
     emb = current_embeddings(ctx, cfg).select(schemas.ITEM_ID, "embedding")
+    live_key = ""
+    if live_on is not None and ctx.store.exists(schemas.ITEMS):
+        # Serving's catalog as of the run date: items already added and not yet removed.
+        day = F.lit(live_on.isoformat()).cast("date")
+        live = ctx.read(schemas.ITEMS).where((F.col("valid_from").isNull() | (F.col("valid_from") <= day))
+                                            & (F.col("removed_on").isNull() | (F.col("removed_on") > day)))
+        emb = emb.join(live.select(schemas.ITEM_ID), schemas.ITEM_ID)
+        live_key = live_on.isoformat()
     first = emb.select(F.size("embedding").alias("d")).first()
     dim = int(first["d"]) if first else 0
     dtype = cfg.train.item_store_dtype
@@ -328,7 +337,8 @@ def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
         joined = emb
     key = json.dumps({"inputs": {k: v for k, v in sorted(ctx.input_versions.items())
                                  if k in (schemas.ITEM_EMBEDDINGS, schemas.ITEM_CODES, schemas.CODEBOOKS)},
-                      "codes": with_codes, "dtype": dtype, "model": current_model_id(cfg.embed, ctx.store, cfg.stage1)},
+                      "codes": with_codes, "dtype": dtype, "model": current_model_id(cfg.embed, ctx.store, cfg.stage1),
+                      "live_on": live_key, "items": ctx.input_versions.get(schemas.ITEMS) if live_key else None},
                      sort_keys=True)
     directory = cfg.work_dir / "item_stores" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (directory / "meta.json").is_file():
@@ -382,3 +392,50 @@ def trained_model(ctx: StageContext, cfg: Config) -> tuple[str, str]:
 def item_store_for(ctx: StageContext, cfg: Config, model_type: str) -> "ItemStore":
     """The tables' catalog as ``model_type`` needs it (with codes only where it reads them)."""
     return build_item_store(ctx, cfg, need_codes=needs_codes(model_type, cfg))
+
+
+def warm_start_source(ctx: StageContext, cfg: Config, item_store: "ItemStore") -> tuple[str, str]:
+    """(checkpoint to warm-start from or '', why) for the ``train`` stage.
+
+    ``train.warm_start=auto`` fine-tunes the champion (``models:/<registry.model_name>@champion``
+    when the registry is on, else the latest successful ``train`` run) while it was
+    trained on the codebook version ``item_store`` holds and with the same model type and
+    shape; anything else trains from scratch, and the reason says why (a codebook refit
+    renumbers codes, so the old weights' long-history inputs would change meaning).
+    """
+    import dataclasses
+
+    from hymirec_udfs.core import registry
+    from hymirec_udfs.recommender.item_store import ItemStore
+    from hymirec_udfs.recommender.models import effective_model_config
+    from hymirec_udfs.training.checkpoints import load_checkpoint
+
+    if cfg.train.warm_start != "auto":
+        return "", "full: train.warm_start=never"
+    settings = cfg
+    source = "latest train run"
+    if cfg.registry.enabled and cfg.tracking.enabled:
+        champion = registry.by_alias(cfg, registry.CHAMPION)
+        if champion is None:
+            return "", "full: no champion yet"
+        settings = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, model_run_id=champion.run_id))
+        source = f"champion {champion.name} v{champion.version}"
+    elif last_success(ctx.store, "train") is None:
+        return "", "full: no earlier train run"
+    try:
+        checkpoint, _ = trained_model(ctx, settings)
+    except EvaluationError as exc:
+        return "", f"full: {source} has no usable checkpoint ({exc})"
+    from hymirec_udfs.evaluation.offline import item_store_path
+
+    saved = load_checkpoint(checkpoint)
+    old_book = str(ItemStore.load(item_store_path(checkpoint)).meta.get("codebook_version", ""))
+    new_book = str(item_store.meta.get("codebook_version", ""))
+    if old_book != new_book:
+        return "", f"full: codebook changed ({old_book or 'none'} -> {new_book or 'none'}) since {source}"
+    want = dataclasses.asdict(effective_model_config(cfg.train.model_type, cfg.model, cfg.dmil))
+    if saved["model_type"] != cfg.train.model_type or saved["model_config"] != want:
+        return "", f"full: {source} is a {saved['model_type']} model of another configuration"
+    if cfg.model.item_adapter == "mlp_id" and saved["catalog_shape"][0] != item_store.n_items:
+        return "", f"full: per-item parameters (item_adapter=mlp_id) and the catalog changed since {source}"
+    return checkpoint, f"warm start from {source}"

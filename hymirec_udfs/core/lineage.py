@@ -101,3 +101,28 @@ def up_to_date(store: TableStore, cfg: Config, spec: StageSpec) -> Optional[str]
         if store.columns(table) != schemas.arrow_schema(table).names:
             return None  # written by a release with another shape: rebuild it
     return f"unchanged since run {last['run_id']} ({last['started_at']:%Y-%m-%d %H:%M:%S})"
+
+
+def latest_run_date(store: TableStore) -> Optional[str]:
+    """The latest run date (YYYY-MM-DD) any successful stage recorded (None when none did)."""
+    if not store.exists(schemas.JOB_RUNS):
+        return None
+    from pyspark.sql import functions as F
+
+    row = (store.read(schemas.JOB_RUNS).where(F.col("status") == "success")
+           .select(F.max(F.get_json_object("summary", "$.run_date")).alias("d")).first())
+    return row["d"] if row else None
+
+
+def recorded_serving(store: TableStore, day: str) -> Optional[dict[str, Any]]:
+    """The summary of the last successful ``recommend`` run for run date ``day`` (its
+    ``model_run_id``, ``model_version``, ``model_name``), or None: what a backfill serves."""
+    if not store.exists(schemas.JOB_RUNS):
+        return None
+    from pyspark.sql import functions as F
+
+    rows = (store.read(schemas.JOB_RUNS)
+            .where((F.col("stage") == "recommend") & (F.col("status") == "success")
+                   & (F.get_json_object("summary", "$.run_date") == day))
+            .orderBy(F.col("started_at").desc()).limit(1).collect())
+    return json.loads(rows[0]["summary"] or "{}") if rows else None

@@ -102,7 +102,8 @@ def run_incremental(spark: "SparkSession", cfg: Config, ctx: StageContext) -> St
         F.lit(f"timestamp after the run date {day} (belongs to a later run)").alias("reason"))
     bad_inter = bad_inter.unionByName(future)
     inter_ok = inter_ok.where(~F.col("_future")).drop("_future")
-    if store.exists(schemas.INTERACTIONS):
+    first_increment = not store.exists(schemas.INTERACTIONS)
+    if not first_increment:
         have = store.read(schemas.INTERACTIONS).select(*KEYS)
         new_inter = inter_ok.join(have, list(KEYS), "left_anti")
     else:
@@ -135,7 +136,8 @@ def run_incremental(spark: "SparkSession", cfg: Config, ctx: StageContext) -> St
     if n_changes:
         store.merge(schemas.ITEMS, item_changes.drop("_new"))
         outputs += (schemas.ITEMS,)
-    late = new_inter.where(F.col("timestamp") < F.lit(start)).agg(
+    # rows dated before D: "late" (the first increment is the history: none is late)
+    late = new_inter.where(F.lit(not first_increment) & (F.col("timestamp") < F.lit(start))).agg(
         F.count("*").alias("n"), F.min("timestamp").alias("first")).first()
     n_inter = new_inter.count()
     if n_inter or not store.exists(schemas.INTERACTIONS):

@@ -103,10 +103,19 @@ def served_model(ctx: StageContext, cfg: Config) -> Served:
 
     from hymirec_udfs.artifacts import trained_model
     from hymirec_udfs.core import registry
+    from hymirec_udfs.core.lineage import latest_run_date, recorded_serving
     from hymirec_udfs.evaluation.offline import EvaluationError
 
     run_id, name, version = cfg.recommend.model_run_id, "", ""
-    if _serves_champion(cfg):
+    day = rundate.run_date()
+    recorded = recorded_serving(ctx.store, day.isoformat()) if day and not run_id else None
+    if recorded and (latest_run_date(ctx.store) or "") > day.isoformat():
+        # a backfill serves the model this date was served with, not today's champion
+        run_id, name, version = (recorded["model_run_id"], recorded.get("model_name", ""),
+                                 recorded.get("model_version", ""))
+        if name not in (cfg.registry.model_name,):
+            name = ""
+    elif _serves_champion(cfg):
         try:
             champion = registry.require_alias(cfg, registry.CHAMPION)
         except registry.RegistryError as exc:
@@ -150,7 +159,9 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
         raise RecommendError(f"recommend serves content models (hymirec, hllm); the served model {version} is a "
                              f"{model_name!r}, which cannot score items it was not trained on")
     codebook_version = str(loaded.store.meta.get("codebook_version", ""))
-    catalog = build_item_store(ctx, cfg, embeddings_only=True)
+    # today's live catalog: items added by the as-of date and not removed (removed items
+    # are never recommended; their past interactions still feed the histories)
+    catalog = build_item_store(ctx, cfg, embeddings_only=True, live_on=day)
     key = hashlib.sha256(json.dumps([model_served.run_id, catalog.path, rc.retrieval, rc.ann_nlist, rc.ann_nprobe],
                                     sort_keys=True).encode()).hexdigest()[:16]
     t_index = time.perf_counter()

@@ -8,6 +8,7 @@ and started again with the same inputs resumes from its last checkpoint. Used by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -48,7 +49,7 @@ def require_training_samples(ctx: StageContext) -> None:
 
 def run_training(
     spark: "SparkSession", cfg: Config, ctx: StageContext, model_type: str, item_store: "ItemStore", *,
-    prefix: str = "", custom_store: bool = False,
+    prefix: str = "", custom_store: bool = False, init_checkpoint: str = "", epochs: int = 0,
 ) -> dict[str, Any]:
     """Train ``model_type`` on the current sequences; returns rank 0's result.
 
@@ -64,15 +65,18 @@ def run_training(
             ablation's own codebook).
         custom_store: ``item_store`` is not the tables' catalog (its checkpoints then live
             in a directory of their own, keyed by ``prefix``).
+        init_checkpoint: warm start from these weights (the daily fine-tune).
+        epochs: override ``train.epochs`` (0: keep it).
     """
     require_training_samples(ctx)
     files = ctx.store.files(schemas.SEQUENCES, ctx.input_versions[schemas.SEQUENCES])
     model_type = ModelType(model_type).value  # a plain str: it is pickled into checkpoints
     store = item_store
 
+    train_cfg = dataclasses.replace(cfg.train, epochs=epochs) if epochs else cfg.train
     key = json.dumps({"type": model_type, "cfg": cfg.section_hash("sequences", "model", "dmil", "train"),
-                      "inputs": ctx.input_versions, "store": prefix if custom_store else ""},
-                     sort_keys=True)
+                      "inputs": ctx.input_versions, "store": prefix if custom_store else "",
+                      "init": init_checkpoint, "epochs": epochs}, sort_keys=True)
     run_dir = cfg.checkpoints_dir / f"{model_type}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     store_path = str(run_dir / "item_store")
@@ -82,12 +86,13 @@ def run_training(
         store.save(store_path, dtype=cfg.train.item_store_dtype)
     metrics_path = str(run_dir / "metrics.jsonl")
     kwargs = dict(
-        model_type=model_type, model_cfg=cfg.model, dmil_cfg=cfg.dmil, train_cfg=cfg.train,
+        model_type=model_type, model_cfg=cfg.model, dmil_cfg=cfg.dmil, train_cfg=train_cfg,
         item_store_path=store_path, train_files=files, valid_files=files, checkpoint_dir=str(run_dir),
         metrics_path=metrics_path, max_long=cfg.sequences.max_long, recent_window=cfg.sequences.recent_window,
         window_targets=cfg.sequences.window_targets, stride=cfg.sequences.stride,
         max_samples_per_user=cfg.sequences.max_samples_per_user,
         chunk_items=cfg.evaluate.chunk_items, bucket_batches=cfg.train.bucket_batches,
+        init_checkpoint=init_checkpoint or None,
     )
     ctx.logger.params({f"{prefix}model_type": model_type, f"{prefix}checkpoint_dir": str(run_dir),
                        f"{prefix}n_items": store.n_items, f"{prefix}sequence_files": len(files)})

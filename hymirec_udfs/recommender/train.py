@@ -202,6 +202,20 @@ class _State:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def load_parameters(model: nn.Module, checkpoint_path: str) -> None:
+    """Copy ``checkpoint_path``'s parameters into ``model`` (buffers stay: they are today's
+    catalog). Raises ValueError naming the parameters that are missing or of another shape."""
+    saved = load_checkpoint(checkpoint_path)["model_state"]
+    params = dict(model.named_parameters())
+    wrong = [f"{name} {tuple(saved[name].shape) if name in saved else 'missing'} vs {tuple(p.shape)}"
+             for name, p in params.items() if name not in saved or saved[name].shape != p.shape]
+    if wrong:
+        raise ValueError(f"cannot warm-start from {checkpoint_path}: parameters differ: {wrong[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))
+
+
 def train(
     *,
     model_type: Optional[str] = None,
@@ -220,8 +234,13 @@ def train(
     max_samples_per_user: int = SequencesConfig.max_samples_per_user,
     chunk_items: int = 65536,
     bucket_batches: int = 50,
+    init_checkpoint: Optional[str] = None,
 ) -> dict[str, Any]:
     """Train a stage-2 model (one TorchDistributor process; rank from the environment).
+
+    ``init_checkpoint`` warm-starts a fresh run from another run's weights (the daily
+    fine-tune from the champion): its parameters, not its buffers (the catalog arrays are
+    today's) nor its optimizer; every parameter must exist with the same shape.
 
     Args:
         model_type: ``hymirec``, ``sasrec`` or ``hllm``; None uses ``train_cfg.model_type``.
@@ -282,7 +301,7 @@ def train(
             checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, max_long=max_long,
             recent_window=recent_window, window_targets=window_targets, stride=stride,
             max_samples_per_user=max_samples_per_user, chunk_items=chunk_items, bucket_batches=bucket_batches,
-            rank=rank, world=world, device=device,
+            rank=rank, world=world, device=device, init_checkpoint=init_checkpoint,
         )
 
 
@@ -307,6 +326,7 @@ def _train_loop(
     rank: int,
     world: int,
     device: torch.device,
+    init_checkpoint: Optional[str] = None,
 ) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -322,6 +342,8 @@ def _train_loop(
     eff_cfg = effective_model_config(model_type, model_cfg, dmil_cfg)
     model = build_model(model_type, eff_cfg, store, dmil_cfg=dmil_cfg, max_long=max(1, max_long),
                         max_recent=recent_window).to(device)
+    if init_checkpoint and not os.path.exists(os.path.join(checkpoint_dir, LAST_CHECKPOINT)):
+        load_parameters(model, init_checkpoint)
     torch.manual_seed(seed + 1_000_003 * rank)  # dropout streams differ per rank
     neg_gen = torch.Generator().manual_seed(seed * 7919 + 17 + rank)
 

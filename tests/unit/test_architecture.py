@@ -52,7 +52,7 @@ def layer_of(module: str, package: str) -> int:
         return READ_SIDE
     if parts == ["pipeline"]:
         return PIPELINE
-    if parts[0] in ("cli", "notebook"):
+    if parts[0] in ("cli", "notebook", "schedule"):
         return ENTRY
     if len(parts) >= 2 and parts[1] == "stage":
         return STAGE

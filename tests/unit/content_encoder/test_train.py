@@ -220,7 +220,7 @@ def test_saved_encoder_loads_and_embeds_like_the_trained_model(tiny_llama_dir: s
 
 
 def _write_tables(spark, store, users: dict[str, list[str]], texts: dict[str, str]) -> None:
-    items = [(i, i, None, None, t, "test", NOW) for i, t in texts.items()]
+    items = [(i, i, None, None, t, "test", NOW, None, None) for i, t in texts.items()]
     store.overwrite(schemas.ITEMS, spark.createDataFrame(items, schemas.spark_schema(schemas.ITEMS)))
     rows = [(u, item, int(t), None, "test", n * 1000 + int(t))
             for n, (u, seq) in enumerate(users.items()) for t, item in enumerate(seq)]

@@ -18,7 +18,7 @@ NOW = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 
 def _items(spark, rows):
     return spark.createDataFrame(
-        [(i, t, None, "g", f"Title: {t}", "test", NOW) for i, t in rows], schemas.spark_schema(schemas.ITEMS)
+        [(i, t, None, "g", f"Title: {t}", "test", NOW, None, None) for i, t in rows], schemas.spark_schema(schemas.ITEMS)
     )
 
 

@@ -19,7 +19,7 @@ NOW = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 
 def _write_items(spark, store, rows: list[tuple[str, str]]) -> None:
     df = spark.createDataFrame(
-        [(i, i, None, None, t, "test", NOW) for i, t in rows], schemas.spark_schema(schemas.ITEMS)
+        [(i, i, None, None, t, "test", NOW, None, None) for i, t in rows], schemas.spark_schema(schemas.ITEMS)
     )
     store.overwrite(schemas.ITEMS, df)
 

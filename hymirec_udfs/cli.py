@@ -116,6 +116,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         cfg = load_config(_profiles(args), args.overrides, args.conf_dir)
+        if getattr(args, "run_date", None):
+            import datetime as dt
+
+            try:
+                dt.date.fromisoformat(args.run_date)
+            except ValueError:
+                raise ConfigError(f"--run-date {args.run_date!r} is not a date (YYYY-MM-DD)") from None
         if args.command == "pipeline":
             from hymirec_udfs.pipeline import stage_by_cli
 

@@ -46,3 +46,16 @@ def test_unknown_pipeline_stage_fails_cleanly_before_spark(capsys) -> None:
     assert result == {"command": "pipeline run", "status": "failed", "error": result["error"]}
     assert "unknown stage 'bogus'" in result["error"]
     assert "Traceback" not in captured.err
+
+
+def test_a_bad_run_date_is_a_usage_error_before_spark(capsys) -> None:
+    assert main(["pipeline", "run", "--run-date", "30/11/2026"]) == EXIT_USAGE
+    result = _result(capsys.readouterr().out)
+    assert result["status"] == "failed" and "--run-date '30/11/2026' is not a date" in result["error"]
+
+
+def test_schedule_simulate_is_a_command() -> None:
+    from hymirec_udfs.cli import build_parser
+
+    args = build_parser().parse_args(["schedule", "simulate", "--days", "2", "--drift-day", "2", "--users", "50"])
+    assert (args.command, args.action, args.days, args.drift_day, args.users) == ("schedule", "simulate", 2, 2, 50)

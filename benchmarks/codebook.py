@@ -399,7 +399,7 @@ def _encode_frame_pandas(df: Any, book: ResidualCodebook, version: str) -> Any:
             codes, coefs, recon = encode(cb, matrix, round_coefs=True)
             yield pd.DataFrame({"item_id": batch["item_id"].to_numpy(), "codes": list(codes.astype(np.int16)),
                                 "coefs": list(coefs.astype(np.float32)), "codebook_version": version,
-                                "recon_cosine": recon.astype(np.float32)})
+                                "recon_cosine": recon.astype(np.float32), "content_hash": ""})
 
     return df.select("item_id", "embedding").mapInPandas(assign, schemas.spark_schema(schemas.ITEM_CODES))
 

@@ -66,5 +66,5 @@ def config_from_widgets(dbutils: Any) -> Any:
 
     run_date = dbutils.widgets.get("run_date")
     if run_date:
-        os.environ["HYMIREC_RUN_DATE"] = run_date  # recorded as a tag, as `--run-date` does
+        os.environ["HYMIREC_RUN_DATE"] = run_date  # the as-of date, as `--run-date` (core.rundate)
     return load_config(dbutils.widgets.get("profile"), parse_overrides(dbutils.widgets.get("set")))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from hymirec_udfs.core import rundate, schemas
 from hymirec_udfs.core.config import Config
-from hymirec_udfs.core.lineage import JobRun, latest_run_date, record_job_run, up_to_date
+from hymirec_udfs.core.lineage import JobRun, backfill_reason, record_job_run, up_to_date
 from hymirec_udfs.core.stage_api import StageContext, StageFailed, StageSpec
 from hymirec_udfs.core.tables import TableStore, get_table_store
 from hymirec_udfs.core.tracking import mlflow_run
@@ -97,16 +97,6 @@ ABLATIONS_SPEC = ON_DEMAND["ablations"]
 # Stages a backfill does not run: it reproduces a date with the codebook and the model
 # that date used (recommend serves the model job_runs recorded for it).
 BACKFILL_SKIPS = ("train_content_encoder", "fit_codebook", "train", "evaluate")
-
-
-def backfill_reason(store: TableStore) -> Optional[str]:
-    """Why this run is a backfill (its run date is before the latest one recorded), or None."""
-    day = rundate.run_date()
-    latest = latest_run_date(store) if day else None
-    if day and latest and day.isoformat() < latest:
-        return (f"backfill of {day} (runs up to {latest} exist): the codebook and model recorded for"
-                f" {day} are reused")
-    return None
 
 
 def register_stage(spec: StageSpec) -> None:

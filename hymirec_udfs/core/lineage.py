@@ -126,3 +126,29 @@ def recorded_serving(store: TableStore, day: str) -> Optional[dict[str, Any]]:
                    & (F.get_json_object("summary", "$.run_date") == day))
             .orderBy(F.col("started_at").desc()).limit(1).collect())
     return json.loads(rows[0]["summary"] or "{}") if rows else None
+
+
+def backfill_reason(store: TableStore) -> Optional[str]:
+    """Why this run is a backfill (its run date is before the latest one recorded), or None."""
+    from hymirec_udfs.core import rundate
+
+    day = rundate.run_date()
+    latest = latest_run_date(store) if day else None
+    if day and latest and day.isoformat() < latest:
+        return (f"backfill of {day} (runs up to {latest} exist): the codebook and model recorded for"
+                f" {day} are reused")
+    return None
+
+
+def recorded_input_version(store: TableStore, stage: str, day: str, table: str) -> Optional[int]:
+    """The version of ``table`` the last successful ``stage`` run for run date ``day`` read."""
+    if not store.exists(schemas.JOB_RUNS):
+        return None
+    from pyspark.sql import functions as F
+
+    rows = (store.read(schemas.JOB_RUNS)
+            .where((F.col("stage") == stage) & (F.col("status") == "success")
+                   & (F.get_json_object("summary", "$.run_date") == day))
+            .orderBy(F.col("started_at").desc()).limit(1).collect())
+    versions = (rows[0]["input_versions"] or {}) if rows else {}
+    return int(versions[table]) if table in versions else None

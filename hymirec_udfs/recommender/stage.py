@@ -36,7 +36,8 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     store = item_store_for(ctx, cfg, model_type)
     init, why = warm_start_source(ctx, cfg, store)
     mode = "warm_start" if init else "full"
-    ctx.logger.tags({"hymirec.training_mode": mode, "hymirec.training_reason": why})
+    ctx.logger.tags({"hymirec.training_mode": mode, "hymirec.training_reason": why,
+                     "hymirec.codebook_version": str(store.meta.get("codebook_version", ""))})
     result = run_training(spark, cfg, ctx, model_type, store, init_checkpoint=init,
                           epochs=cfg.train.warm_start_epochs if init else 0)
     numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -15,7 +15,9 @@ table is written sorted by it, so each training rank reads the rows of its own u
 
 With a run date (``--run-date D``) only interactions before the end of D are used
 (:mod:`hymirec_udfs.core.rundate`): the table, and everything trained, evaluated and
-served from it, is "as of D", so a backfill of D rebuilds D's sequences exactly.
+served from it, is "as of D". A backfill of D (an earlier date than the latest run) reads
+the ``interactions`` version D's own run read (``job_runs``), so late rows merged since
+do not change it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from hymirec_udfs.core import rundate, schemas
 from hymirec_udfs.core.config import Config
+from hymirec_udfs.core.lineage import backfill_reason, recorded_input_version
 from hymirec_udfs.core.shards import SHARD_COLUMN
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
 from hymirec_udfs.sequences.samples import SequenceError, build_sequences, sample_counts
@@ -39,13 +42,19 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
         SequenceError: no interactions, no user long enough, or interactions naming items
             that have no embedding or no code (named, first 10).
     """
+    day = rundate.run_date()
+    if day is not None and backfill_reason(ctx.store):
+        # a backfill reads the interactions version D's run read: late rows merged since
+        # then do not change D's reproduction
+        recorded = recorded_input_version(ctx.store, "build_sequences", day.isoformat(), schemas.INTERACTIONS)
+        if recorded is not None:
+            ctx.input_versions[schemas.INTERACTIONS] = recorded
     inter = ctx.read(schemas.INTERACTIONS)
     if schemas.SOURCE_ORDER not in inter.columns:
         raise SequenceError(
             f"table 'interactions' has no '{schemas.SOURCE_ORDER}' column (written by an older ingest):"
             " run `hymirec ingest` again (or `pipeline run --force`)")
     inter = inter.select(schemas.USER_ID, schemas.ITEM_ID, "timestamp", schemas.SOURCE_ORDER)
-    day = rundate.run_date()
     after = 0
     if day is not None:
         from pyspark.sql import functions as F

@@ -81,4 +81,9 @@ def test_simulated_schedule_rerun_and_backfill(spark, make_cfg) -> None:
     run_day(spark, cfg, rundate.dt.date.fromisoformat(dates[1]), echo=back_lines.append)
     assert any("train" in line and "backfill" in line for line in back_lines), back_lines
     assert _recs(store, dates[1]) == recs_day1
+    # ... from the interactions version day 1's own run read (later days' rows are not in it)
+    runs = (store.read(schemas.JOB_RUNS).where((F.col("stage") == "build_sequences") & (F.col("status") == "success")
+                                               & (F.get_json_object("summary", "$.run_date") == dates[1]))
+            .orderBy("started_at").collect())
+    assert len(runs) == 2 and runs[1].input_versions == runs[0].input_versions
     assert os.environ.get(rundate.ENV) is None

@@ -165,7 +165,8 @@ def test_stage_counts_and_bad_input(spark, make_cfg) -> None:
     store.overwrite(schemas.INTERACTIONS, spark.createDataFrame(log, schemas.spark_schema(schemas.INTERACTIONS)))
     job = run_stage(spark, cfg, "build-sequences")
     assert job.row_counts == {"train_samples": 3, "valid_samples": 1, "test_samples": 1, "users": 1,
-                              "users_skipped_short": 1, "history_items": 6, "committed.sequences": 1}
+                              "users_skipped_short": 1, "history_items": 6, "interactions_after_run_date": 0,
+                              "committed.sequences": 1}
     assert len(store.files(schemas.SEQUENCES)) >= 1
 
     now = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)

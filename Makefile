@@ -12,7 +12,7 @@ PROFILE ?= local
 AIRFLOW_VENV  ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.hymirec-airflow-installed
 
-.PHONY: setup demo test bench clean-work wheel airflow-venv cluster-demo
+.PHONY: setup demo test bench clean-work wheel airflow-venv cluster-demo schedule
 
 setup: $(STAMP)
 
@@ -55,6 +55,12 @@ demo: setup
 CLUSTER_ARGS ?=
 cluster-demo: setup
 	$(PY) -m tests.services --base hymirec-cluster $(CLUSTER_ARGS)
+
+# MovieLens-100K replayed as a daily schedule (own work dir: incremental tables):
+#   make schedule  ARGS="--days 5 --users 300"
+schedule: setup
+	$(VENV)/bin/hymirec schedule simulate --profile $(PROFILE),daily --days 3 --drift-day 3 \
+		--set paths.work_dir=hymirec-schedule $(ARGS)
 
 test: setup airflow-venv
 	$(PY) -m pytest $(PYTEST_ARGS)

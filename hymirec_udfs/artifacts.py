@@ -194,16 +194,20 @@ def to_matrix(df: "DataFrame", column: str = "embedding") -> tuple[list[str], np
     return ids, np.concatenate(parts) if parts else np.zeros((0, int(first["d"])), np.float32)
 
 
-def latest_codebook(ctx: StageContext) -> tuple[str, "ResidualCodebook", str]:
-    """(version, codebook, embedding model id) of the newest codebook in ``codebooks``."""
+def latest_codebook(ctx: StageContext, version: Optional[str] = None) -> tuple[str, "ResidualCodebook", str]:
+    """(version, codebook, embedding model id) of the newest codebook in ``codebooks``, or
+    of codebook ``version`` when given."""
     from pyspark.sql import functions as F
 
     from hymirec_udfs.codebook.serialize import codebook_from_rows
 
     books = ctx.read(schemas.CODEBOOKS)
+    if version:
+        books = books.where(F.col("version") == version)
     latest = books.orderBy(F.col("created_at").desc(), F.col("version").desc()).select("version", "model_id").first()
     if latest is None:
-        raise CodebookStageError("table 'codebooks' is empty: run fit-codebook first")
+        raise CodebookStageError(f"codebook {version} is not in table 'codebooks'" if version else
+                                 "table 'codebooks' is empty: run fit-codebook first")
     rows = [r.asDict() for r in books.where(F.col("version") == latest.version).collect()]
     return latest.version, codebook_from_rows(rows), latest.model_id
 
@@ -283,7 +287,8 @@ def _stream_blocks(df: "DataFrame", columns: dict[str, tuple[str, int]], n_rows:
 
 
 def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
-                     embeddings_only: bool = False, live_on: Optional["dt.date"] = None) -> "ItemStore":
+                     embeddings_only: bool = False, live_on: Optional["dt.date"] = None,
+                     codebook_version: Optional[str] = None) -> "ItemStore":
     """The tables' catalog as an item store directory (current embeddings, codes, codebook).
 
     Streamed: executors pack rows into binary blocks (``mapInArrow``), the driver pulls
@@ -309,9 +314,8 @@ def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
     if live_on is not None and ctx.store.exists(schemas.ITEMS):
         # Serving's catalog as of the run date: items already added and not yet removed.
         day = F.lit(live_on.isoformat()).cast("date")
-        live = ctx.read(schemas.ITEMS).where((F.col("valid_from").isNull() | (F.col("valid_from") <= day))
-                                            & (F.col("removed_on").isNull() | (F.col("removed_on") > day)))
-        emb = emb.join(live.select(schemas.ITEM_ID), schemas.ITEM_ID)
+        gone = ctx.read(schemas.ITEMS).where((F.col("valid_from") > day) | (F.col("removed_on") <= day))
+        emb = emb.join(gone.select(schemas.ITEM_ID), schemas.ITEM_ID, "left_anti")
         live_key = live_on.isoformat()
     first = emb.select(F.size("embedding").alias("d")).first()
     dim = int(first["d"]) if first else 0
@@ -320,8 +324,9 @@ def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
     # have no code until encode runs; serving scores content).
     with_codes = not embeddings_only and (need_codes or ctx.store.exists(schemas.ITEM_CODES))
     if with_codes:
-        version, book, _ = latest_codebook(ctx)
-        # item_codes keeps every version's codes: this store reads the latest codebook's.
+        version, book, _ = latest_codebook(ctx, codebook_version)
+        # item_codes keeps every version's codes: this store reads the latest codebook's
+        # (or ``codebook_version``'s: serving a model on the codes it was trained with).
         codes_df = ctx.read(schemas.ITEM_CODES).where(F.col("codebook_version") == version)
         joined = emb.join(codes_df.select(schemas.ITEM_ID, "codes", "coefs"), schemas.ITEM_ID, "left")
         missing_codes = joined.where(F.col("codes").isNull())
@@ -338,7 +343,8 @@ def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
     key = json.dumps({"inputs": {k: v for k, v in sorted(ctx.input_versions.items())
                                  if k in (schemas.ITEM_EMBEDDINGS, schemas.ITEM_CODES, schemas.CODEBOOKS)},
                       "codes": with_codes, "dtype": dtype, "model": current_model_id(cfg.embed, ctx.store, cfg.stage1),
-                      "live_on": live_key, "items": ctx.input_versions.get(schemas.ITEMS) if live_key else None},
+                      "live_on": live_key, "items": ctx.input_versions.get(schemas.ITEMS) if live_key else None,
+                      "codebook_version": codebook_version or ""},
                      sort_keys=True)
     directory = cfg.work_dir / "item_stores" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (directory / "meta.json").is_file():

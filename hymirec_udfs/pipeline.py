@@ -151,7 +151,10 @@ def run_stage(
     tags = {"hymirec.stage": spec.name, "hymirec.run_id": run_id, "hymirec.profile": cfg.profile}
     if pipeline_run_id:
         tags["hymirec.pipeline_run_id"] = pipeline_run_id
-    day = rundate.run_date()
+    try:
+        day = rundate.run_date()
+    except rundate.RunDateError as exc:
+        raise StageFailed(spec.name, exc) from exc
     if day:
         tags["hymirec.run_date"] = day.isoformat()
     with mlflow_run(cfg, spec.name, nested=nested, tags=tags) as logger:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -37,17 +37,20 @@ class EvaluationError(ValueError):
 class LoadedModel:
     """A trained model with its item store and window sizes (as trained)."""
 
-    def __init__(self, checkpoint: str) -> None:
+    def __init__(self, checkpoint: str, store_path: Optional[str] = None) -> None:
+        """``store_path``: another item store of the same codebook version (today's catalog
+        encoded with the codebook the model was trained on); default the model's own."""
         from hymirec_udfs.recommender.item_store import ItemStore
         from hymirec_udfs.recommender.train import load_trained_model
         from hymirec_udfs.training.checkpoints import load_checkpoint
 
-        store_path = item_store_path(checkpoint)
+        store_path = store_path or item_store_path(checkpoint)
         meta = load_checkpoint(checkpoint)
         self.model = load_trained_model(checkpoint, item_store_path=store_path)
         self.store = ItemStore.load(store_path)
         self.max_long = int(meta["max_long"])
         self.max_recent = int(meta["recent_window"])
+        self.model_config = dict(meta.get("model_config") or {})
 
 
 def item_store_path(checkpoint: str) -> str:
@@ -57,14 +60,15 @@ def item_store_path(checkpoint: str) -> str:
     return str(legacy) if legacy.exists() and not (folder / "item_store").exists() else str(folder / "item_store")
 
 
-def _load_model(checkpoint: str) -> LoadedModel:
-    """One model per Python worker and checkpoint (reused across tasks and batches)."""
-    if checkpoint not in _MODEL_CACHE:
+def _load_model(checkpoint: str, store_path: Optional[str] = None) -> LoadedModel:
+    """One model per Python worker, checkpoint and item store (reused across tasks and batches)."""
+    key = f"{checkpoint}|{store_path or ''}"
+    if key not in _MODEL_CACHE:
         import torch
 
         torch.set_num_threads(1)
-        _MODEL_CACHE[checkpoint] = LoadedModel(checkpoint)
-    return _MODEL_CACHE[checkpoint]
+        _MODEL_CACHE[key] = LoadedModel(checkpoint, store_path)
+    return _MODEL_CACHE[key]
 
 
 def mips_to_cosine(items: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -90,13 +90,14 @@ class ItemIndex:
         return np.unique(found[found >= 0])
 
 
-def _worker(checkpoint: str, index_dir: str, nprobe: int) -> tuple[Any, ItemIndex]:
+def _worker(checkpoint: str, index_dir: str, nprobe: int, store_path: Optional[str] = None
+            ) -> tuple[Any, ItemIndex]:
     from hymirec_udfs.evaluation.offline import _load_model
 
     if index_dir not in _WORKER_CACHE:
         _WORKER_CACHE.clear()  # one index per worker: an older date's is dropped
         _WORKER_CACHE[index_dir] = ItemIndex(index_dir, nprobe)
-    return _load_model(checkpoint), _WORKER_CACHE[index_dir]
+    return _load_model(checkpoint, store_path), _WORKER_CACHE[index_dir]
 
 
 def score_batch(loaded: Any, index: ItemIndex, users: list[str], histories: list[list[str]], cfg: Config

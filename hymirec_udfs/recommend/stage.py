@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from pyspark.sql import SparkSession
 
+    from hymirec_udfs.evaluation.offline import LoadedModel
+
 # Catalog rows turned into ranking vectors per model call while the index is written.
 
 
@@ -131,6 +133,34 @@ def served_model(ctx: StageContext, cfg: Config) -> Served:
     return Served(checkpoint, version or trained_run, name, trained_run)
 
 
+def _history_store(ctx: StageContext, cfg: Config, loaded: "LoadedModel", codebook_version: str
+                   ) -> tuple[str, str]:
+    """(item store path or '', what the histories are read with) for the served model.
+
+    Histories are read with today's catalog encoded with the codebook version the model
+    was trained on, so items added since training (encoded daily with the pinned
+    codebook) are known to it. When that version does not cover today's catalog (a refit
+    since, and the items were only encoded with the new version) or the model has
+    per-item parameters, the model's own item store is used: codes of another version are
+    never mixed in.
+    """
+    from hymirec_udfs.artifacts import build_item_store
+    from hymirec_udfs.codebook.spark import CodebookStageError
+    from hymirec_udfs.recommender.data import TrainStageError
+
+    if not codebook_version:
+        return "", "the model's own item store (no codebook)"
+    if loaded.model_config.get("item_adapter") == "mlp_id":
+        return "", "the model's own item store (per-item parameters)"
+    if not ctx.store.exists(schemas.ITEM_CODES):
+        return "", "the model's own item store (no item_codes)"
+    try:
+        store = build_item_store(ctx, cfg, codebook_version=codebook_version)
+    except (TrainStageError, CodebookStageError) as exc:
+        return "", f"the model's own item store (today's catalog on {codebook_version}: {exc})"
+    return store.path, f"today's catalog on codebook {codebook_version}"
+
+
 SCORED_SCHEMA = (
     "user_id string, interests array<array<float>>, items array<string>, scores array<float>, which array<int>,"
     " unknown_history int, skipped boolean"
@@ -159,6 +189,9 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
         raise RecommendError(f"recommend serves content models (hymirec, hllm); the served model {version} is a "
                              f"{model_name!r}, which cannot score items it was not trained on")
     codebook_version = str(loaded.store.meta.get("codebook_version", ""))
+    history_store, history_note = _history_store(ctx, cfg, loaded, codebook_version)
+    if history_store:
+        loaded = LoadedModel(model_served.checkpoint, history_store)
     # today's live catalog: items added by the as-of date and not removed (removed items
     # are never recommended; their past interactions still feed the histories)
     catalog = build_item_store(ctx, cfg, embeddings_only=True, live_on=day)
@@ -173,10 +206,10 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     index_s = time.perf_counter() - t_index
     ctx.logger.artifact(str(index_dir / "meta.json"), "item_index")
 
-    snapshot = dict(cfg=cfg, checkpoint=model_served.checkpoint, index_dir=str(index_dir))
+    snapshot = dict(cfg=cfg, checkpoint=model_served.checkpoint, index_dir=str(index_dir), store=history_store)
 
     def per_batch(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
-        loaded_w, index = _worker(snapshot["checkpoint"], snapshot["index_dir"], rc.ann_nprobe)
+        loaded_w, index = _worker(snapshot["checkpoint"], snapshot["index_dir"], rc.ann_nprobe, snapshot["store"])
         for batch in batches:
             if len(batch):
                 yield score_batch(loaded_w, index, batch[schemas.USER_ID].tolist(),
@@ -209,7 +242,8 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     wall = time.perf_counter() - t0
     summary = {"as_of_date": day.isoformat(), "model_version": version, "model_name": model_name,
                "model_run_id": model_served.run_id,
-               "codebook_version": codebook_version, "retrieval": rc.retrieval, "top_k": rc.top_k,
+               "codebook_version": codebook_version, "history_codes": history_note,
+               "retrieval": rc.retrieval, "top_k": rc.top_k,
                "item_index": str(index_dir), "catalog_items": catalog.n_items,
                "users_skipped_no_known_history": int(totals["skipped"] or 0),
                "history_items_unknown_to_model": int(totals["unknown"] or 0),

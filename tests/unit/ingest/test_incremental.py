@@ -96,7 +96,7 @@ def test_incremental_errors_name_the_date_file_and_setting(spark, inc_cfg, monke
                                           r"\(ingest.increment_items\)"):
         _run(spark, cfg, "2026-01-03", monkeypatch)
     monkeypatch.setenv(rundate.ENV, "03/01/2026")
-    with pytest.raises(rundate.RunDateError, match="not a date"):
+    with pytest.raises(StageFailed, match="not a date"):
         run_stage(spark, cfg, "ingest")
     _increment(root, "2026-01-03", ["a,A,,x,"], [])
     with pytest.raises(StageFailed, match="reads csv or parquet increments; ingest.source is 'ml-100k'"):

@@ -288,7 +288,7 @@ def _stream_blocks(df: "DataFrame", columns: dict[str, tuple[str, int]], n_rows:
 
 def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
                      embeddings_only: bool = False, live_on: Optional["dt.date"] = None,
-                     codebook_version: Optional[str] = None) -> "ItemStore":
+                     codebook_version: Optional[str] = None, keep_removed: bool = False) -> "ItemStore":
     """The tables' catalog as an item store directory (current embeddings, codes, codebook).
 
     Streamed: executors pack rows into binary blocks (``mapInArrow``), the driver pulls
@@ -312,11 +312,14 @@ def build_item_store(ctx: StageContext, cfg: Config, *, need_codes: bool = True,
     emb = current_embeddings(ctx, cfg).select(schemas.ITEM_ID, "embedding")
     live_key = ""
     if live_on is not None and ctx.store.exists(schemas.ITEMS):
-        # Serving's catalog as of the run date: items already added and not yet removed.
+        # The catalog as of the run date: items already added and (unless keep_removed, for
+        # histories) not yet removed. Items without an `items` row are kept.
         day = F.lit(live_on.isoformat()).cast("date")
-        gone = ctx.read(schemas.ITEMS).where((F.col("valid_from") > day) | (F.col("removed_on") <= day))
-        emb = emb.join(gone.select(schemas.ITEM_ID), schemas.ITEM_ID, "left_anti")
-        live_key = live_on.isoformat()
+        gone = F.col("valid_from") > day
+        if not keep_removed:
+            gone = gone | (F.col("removed_on") <= day)
+        emb = emb.join(ctx.read(schemas.ITEMS).where(gone).select(schemas.ITEM_ID), schemas.ITEM_ID, "left_anti")
+        live_key = f"{live_on.isoformat()}{'+removed' if keep_removed else ''}"
     first = emb.select(F.size("embedding").alias("d")).first()
     dim = int(first["d"]) if first else 0
     dtype = cfg.train.item_store_dtype

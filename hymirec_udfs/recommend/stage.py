@@ -133,14 +133,16 @@ def served_model(ctx: StageContext, cfg: Config) -> Served:
     return Served(checkpoint, version or trained_run, name, trained_run)
 
 
-def _history_store(ctx: StageContext, cfg: Config, loaded: "LoadedModel", codebook_version: str
-                   ) -> tuple[str, str]:
+def _history_store(ctx: StageContext, cfg: Config, loaded: "LoadedModel", codebook_version: str,
+                   day: dt.date) -> tuple[str, str]:
     """(item store path or '', what the histories are read with) for the served model.
 
-    Histories are read with today's catalog encoded with the codebook version the model
-    was trained on, so items added since training (encoded daily with the pinned
-    codebook) are known to it. When that version does not cover today's catalog (a refit
-    since, and the items were only encoded with the new version) or the model has
+    Histories are read with the catalog as of ``day`` (removed items included: their past
+    interactions still count) encoded with the codebook version the model was trained
+    on, so items added since training (encoded daily with the pinned codebook) are known
+    to it, and a backfill of ``day`` reads the same items it read then. When that version
+    does not cover the catalog (a refit since, and the items were only encoded with the
+    new version) or the model has
     per-item parameters, the model's own item store is used: codes of another version are
     never mixed in.
     """
@@ -155,7 +157,7 @@ def _history_store(ctx: StageContext, cfg: Config, loaded: "LoadedModel", codebo
     if not ctx.store.exists(schemas.ITEM_CODES):
         return "", "the model's own item store (no item_codes)"
     try:
-        store = build_item_store(ctx, cfg, codebook_version=codebook_version)
+        store = build_item_store(ctx, cfg, codebook_version=codebook_version, live_on=day, keep_removed=True)
     except (TrainStageError, CodebookStageError) as exc:
         return "", f"the model's own item store (today's catalog on {codebook_version}: {exc})"
     return store.path, f"today's catalog on codebook {codebook_version}"
@@ -189,7 +191,7 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
         raise RecommendError(f"recommend serves content models (hymirec, hllm); the served model {version} is a "
                              f"{model_name!r}, which cannot score items it was not trained on")
     codebook_version = str(loaded.store.meta.get("codebook_version", ""))
-    history_store, history_note = _history_store(ctx, cfg, loaded, codebook_version)
+    history_store, history_note = _history_store(ctx, cfg, loaded, codebook_version, day)
     if history_store:
         loaded = LoadedModel(model_served.checkpoint, history_store)
     # today's live catalog: items added by the as-of date and not removed (removed items

@@ -85,5 +85,6 @@ def test_simulated_schedule_rerun_and_backfill(spark, make_cfg) -> None:
     runs = (store.read(schemas.JOB_RUNS).where((F.col("stage") == "build_sequences") & (F.col("status") == "success")
                                                & (F.get_json_object("summary", "$.run_date") == dates[1]))
             .orderBy("started_at").collect())
-    assert len(runs) == 2 and runs[1].input_versions == runs[0].input_versions
+    assert len(runs) == 2 and runs[1].input_versions["interactions"] == runs[0].input_versions["interactions"]
+    assert store.version(schemas.INTERACTIONS) > runs[0].input_versions["interactions"]
     assert os.environ.get(rundate.ENV) is None

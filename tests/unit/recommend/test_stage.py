@@ -131,3 +131,19 @@ def test_bad_settings_and_no_model_fail_clearly(spark, trained, monkeypatch, tmp
     with pytest.raises(StageFailed, match=r"not a date"):
         _run(spark, trained(), "2026-13-40", monkeypatch)
     assert get_table_store(spark, trained()).version(schemas.RECOMMENDATIONS) == before  # nothing half-written
+
+
+def test_a_served_sasrec_and_a_missing_train_run_fail_clearly(spark, trained, monkeypatch, tmp_path) -> None:
+    """SASRec (ids only) cannot rank unseen items: refused by name. A work dir without a
+    train run names the setting to use. (Last in the module: it trains a SASRec into the
+    shared work dir.)"""
+    cfg = trained("train.model_type=sasrec")
+    before = get_table_store(spark, cfg).version(schemas.RECOMMENDATIONS)
+    run_stage(spark, cfg, "train")
+    with pytest.raises(StageFailed, match=r"recommend serves content models .* is a 'sasrec'"):
+        _run(spark, cfg, "2026-01-09", monkeypatch)
+    assert get_table_store(spark, cfg).version(schemas.RECOMMENDATIONS) == before
+
+    empty = load_config(["local"], [f"paths.work_dir={tmp_path / 'fresh'}", "tracking.enabled=false", *TINY])
+    with pytest.raises(StageFailed, match=r"no successful 'train' run in job_runs and recommend.model_run_id is empty"):
+        _run(spark, empty, "2026-01-09", monkeypatch)

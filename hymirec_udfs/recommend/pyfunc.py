@@ -6,8 +6,9 @@ top-K items, computed by the same code as the ``recommend`` stage
 (:func:`hymirec_udfs.recommend.serving.score_batch`) over the item index of the catalog the
 model was trained on; ``mlflow.pyfunc.spark_udf`` scores a DataFrame of histories with it.
 
-Artefacts: the checkpoint (a ``weights_only`` torch state dict with the model's configs,
-no pickled code), the item store beside it (embeddings, codes, codebook), the item index
+Artefacts: the weights as ``model.safetensors`` with the model's configs in
+``model.json`` (no pickle; ``training.checkpoints.export_safetensors``), the item store
+beside it (embeddings, codes, codebook), the item index
 (ranking vectors + ids), and ``settings.json`` (the ``recommend`` settings it scores
 with). The package itself travels in ``code_paths``; requirements are pinned to the
 versions installed when it was logged.
@@ -38,7 +39,9 @@ class HyMiRecPyfunc(mlflow.pyfunc.PythonModel):
         from hymirec_udfs.evaluation.offline import LoadedModel
         from hymirec_udfs.recommend.serving import ItemIndex
 
-        checkpoint = next(Path(context.artifacts["checkpoint"]).glob("*.pt"))
+        folder = Path(context.artifacts["checkpoint"])
+        # safetensors weights (+ their .json config); a .pt state dict from older logs
+        checkpoint = next(iter(sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.pt"))))
         self.loaded = LoadedModel(str(checkpoint))
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         self.cfg = Config(recommend=RecommendConfig(**settings))
@@ -79,17 +82,18 @@ def log_pyfunc(cfg: Any, checkpoint: str, work: Path, name: str = "model") -> An
     import hymirec_udfs
     from hymirec_udfs.evaluation.offline import LoadedModel
     from hymirec_udfs.recommend.serving import write_item_index
+    from hymirec_udfs.training.checkpoints import export_safetensors
 
     shutil.rmtree(work, ignore_errors=True)  # never an earlier model's item index
     work.mkdir(parents=True)
     ckpt_dir = work / "checkpoint"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir()
-    shutil.copy2(checkpoint, ckpt_dir / Path(checkpoint).name)
+    weights = export_safetensors(checkpoint, ckpt_dir)
     source_store = Path(checkpoint).parent / "item_store"
     if source_store.is_dir():
         shutil.copytree(source_store, ckpt_dir / "item_store")
-    loaded = LoadedModel(str(ckpt_dir / Path(checkpoint).name))
+    loaded = LoadedModel(str(weights))
     index_dir = write_item_index(loaded, loaded.store, work / "item_index", retrieval="exact", nlist=0, nprobe=0,
                                  meta={"source": "the model's own item store"})
     settings = work / "settings.json"

@@ -206,7 +206,12 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
                                        "codebook_version": codebook_version, "catalog": catalog.path,
                                        "as_of_date": day.isoformat()})
     index_s = time.perf_counter() - t_index
-    ctx.logger.artifact(str(index_dir / "meta.json"), "item_index")
+    # The versioned item index for online ANN serving of user_interests, logged with the run
+    # that records the model version: the id map and meta, and the faiss index (retrieval=ann;
+    # the exact index's vectors.npy, N x D floats, stays on disk).
+    for name in ("meta.json", "item_ids.arrow", "ann.faiss"):
+        if (index_dir / name).is_file():
+            ctx.logger.artifact(str(index_dir / name), f"item_index/{day.isoformat()}")
 
     snapshot = dict(cfg=cfg, checkpoint=model_served.checkpoint, index_dir=str(index_dir), store=history_store)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -56,8 +57,37 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train` (tensors, configs and plain values only)."""
+    """Read a checkpoint written by :func:`train` (tensors, configs and plain values only),
+    or a ``.safetensors`` export (:func:`export_safetensors`: weights plus its ``.json``)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        meta = json.loads(Path(path).with_suffix(".json").read_text())
+        return {**meta, "model_state": load_file(str(path), device=str(map_location))}
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+#: What an export keeps of a checkpoint besides the weights (no optimiser, RNG or history).
+EXPORTED_KEYS = ("format", "model_type", "model_config", "dmil_config", "train_config", "item_store_path",
+                 "catalog_shape", "max_long", "recent_window")
+
+
+def export_safetensors(checkpoint: str, out_dir: str | Path, stem: str = "model") -> Path:
+    """Write ``checkpoint``'s weights as ``<stem>.safetensors`` and its configuration as
+    ``<stem>.json`` (no pickle: loadable by any safetensors reader); returns the weights path.
+    :func:`load_checkpoint` reads the pair back."""
+    from safetensors.torch import save_file
+
+    ckpt = load_checkpoint(checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors sharing storage (tied weights); load_state_dict re-ties them
+    state = {k: v.detach().clone().contiguous() for k, v in ckpt["model_state"].items()}
+    weights = out / f"{stem}.safetensors"
+    save_file(state, str(weights))
+    weights.with_suffix(".json").write_text(json.dumps({k: ckpt[k] for k in EXPORTED_KEYS if k in ckpt},
+                                                       sort_keys=True, default=str))
+    return weights
 
 
 def append_metrics(metrics_path: Optional[str], record: dict[str, Any]) -> None:

@@ -96,7 +96,8 @@ def items(n, tag):
     return spark.range(n).select(
         F.format_string("i%06d", "id").alias("item_id"), F.lit(tag).alias("title"),
         F.lit(None).cast("string").alias("description"), F.lit("g").alias("tags"), F.lit("text").alias("text"),
-        F.lit("test").alias("source"), F.current_timestamp().alias("ingested_at"))
+        F.lit("test").alias("source"), F.current_timestamp().alias("ingested_at"),
+        F.lit(None).cast("date").alias("valid_from"), F.lit(None).cast("date").alias("removed_on"))
 
 if phase == "setup":
     store.overwrite("items", items(50_000, "v0"))

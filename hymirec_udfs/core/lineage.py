@@ -60,19 +60,17 @@ def record_job_run(store: TableStore, spark: "SparkSession", cfg: Config, job: J
     store.append(schemas.JOB_RUNS, spark.createDataFrame([row], schemas.spark_schema(schemas.JOB_RUNS)))
 
 
-def last_success(store: TableStore, stage: str) -> Optional[dict[str, Any]]:
-    """The latest successful ``job_runs`` row of ``stage`` (None when there is none)."""
+def last_success(store: TableStore, stage: str, run_date: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The latest successful ``job_runs`` row of ``stage`` (of run date ``run_date`` when
+    given), or None when there is none."""
     if not store.exists(schemas.JOB_RUNS):
         return None
     from pyspark.sql import functions as F
 
-    rows = (
-        store.read(schemas.JOB_RUNS)
-        .where((F.col("stage") == stage) & (F.col("status") == "success"))
-        .orderBy(F.col("started_at").desc())
-        .limit(1)
-        .collect()
-    )
+    where = (F.col("stage") == stage) & (F.col("status") == "success")
+    if run_date:
+        where = where & (F.get_json_object("summary", "$.run_date") == run_date)
+    rows = store.read(schemas.JOB_RUNS).where(where).orderBy(F.col("started_at").desc()).limit(1).collect()
     return rows[0].asDict(recursive=True) if rows else None
 
 
@@ -117,15 +115,8 @@ def latest_run_date(store: TableStore) -> Optional[str]:
 def recorded_serving(store: TableStore, day: str) -> Optional[dict[str, Any]]:
     """The summary of the last successful ``recommend`` run for run date ``day`` (its
     ``model_run_id``, ``model_version``, ``model_name``), or None: what a backfill serves."""
-    if not store.exists(schemas.JOB_RUNS):
-        return None
-    from pyspark.sql import functions as F
-
-    rows = (store.read(schemas.JOB_RUNS)
-            .where((F.col("stage") == "recommend") & (F.col("status") == "success")
-                   & (F.get_json_object("summary", "$.run_date") == day))
-            .orderBy(F.col("started_at").desc()).limit(1).collect())
-    return json.loads(rows[0]["summary"] or "{}") if rows else None
+    row = last_success(store, "recommend", day)
+    return json.loads(row["summary"] or "{}") if row else None
 
 
 def backfill_reason(store: TableStore) -> Optional[str]:
@@ -142,13 +133,6 @@ def backfill_reason(store: TableStore) -> Optional[str]:
 
 def recorded_input_version(store: TableStore, stage: str, day: str, table: str) -> Optional[int]:
     """The version of ``table`` the last successful ``stage`` run for run date ``day`` read."""
-    if not store.exists(schemas.JOB_RUNS):
-        return None
-    from pyspark.sql import functions as F
-
-    rows = (store.read(schemas.JOB_RUNS)
-            .where((F.col("stage") == stage) & (F.col("status") == "success")
-                   & (F.get_json_object("summary", "$.run_date") == day))
-            .orderBy(F.col("started_at").desc()).limit(1).collect())
-    versions = (rows[0]["input_versions"] or {}) if rows else {}
+    row = last_success(store, stage, day)
+    versions = (row["input_versions"] or {}) if row else {}
     return int(versions[table]) if table in versions else None

@@ -105,18 +105,17 @@ def served_model(ctx: StageContext, cfg: Config) -> Served:
 
     from hymirec_udfs.artifacts import trained_model
     from hymirec_udfs.core import registry
-    from hymirec_udfs.core.lineage import latest_run_date, recorded_serving
+    from hymirec_udfs.core.lineage import backfill_reason, recorded_serving
     from hymirec_udfs.evaluation.offline import EvaluationError
 
     run_id, name, version = cfg.recommend.model_run_id, "", ""
     day = rundate.run_date()
-    recorded = recorded_serving(ctx.store, day.isoformat()) if day and not run_id else None
-    if recorded and (latest_run_date(ctx.store) or "") > day.isoformat():
+    recorded = (recorded_serving(ctx.store, day.isoformat())
+                if day and not run_id and backfill_reason(ctx.store) else None)
+    if recorded:
         # a backfill serves the model this date was served with, not today's champion
-        run_id, name, version = (recorded["model_run_id"], recorded.get("model_name", ""),
-                                 recorded.get("model_version", ""))
-        if name not in (cfg.registry.model_name,):
-            name = ""
+        run_id, version = recorded["model_run_id"], recorded.get("model_version", "")
+        name = recorded.get("model_name", "") if recorded.get("model_name") == cfg.registry.model_name else ""
     elif _serves_champion(cfg):
         try:
             champion = registry.require_alias(cfg, registry.CHAMPION)
@@ -141,10 +140,9 @@ def _history_store(ctx: StageContext, cfg: Config, loaded: "LoadedModel", codebo
     interactions still count) encoded with the codebook version the model was trained
     on, so items added since training (encoded daily with the pinned codebook) are known
     to it, and a backfill of ``day`` reads the same items it read then. When that version
-    does not cover the catalog (a refit since, and the items were only encoded with the
-    new version) or the model has
-    per-item parameters, the model's own item store is used: codes of another version are
-    never mixed in.
+    does not cover the catalog (a refit since, and the items were only encoded with the new
+    version) or the model has per-item parameters, the model's own item store is used:
+    codes of another version are never mixed in.
     """
     from hymirec_udfs.artifacts import build_item_store
     from hymirec_udfs.codebook.spark import CodebookStageError

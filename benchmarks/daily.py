@@ -104,7 +104,8 @@ def main() -> int:
     import os
 
     os.environ["HYMIREC_RUN_DATE"] = dates[-1].isoformat()
-    cold = _with(cfg, codebook={"refit": "always", "warm_start": False, "seed": cfg.codebook.seed + 1})
+    cold = _with(cfg, codebook={"refit": "always", "warm_start": False, "seed": cfg.codebook.seed + 1,
+                                "prune_codes": False})  # the parent's codes are compared below
     run_stage(spark, cold, "fit-codebook")
     run_stage(spark, cold, "encode")
     newest = json.loads(last_success(store, "encode_items")["summary"])["version"]

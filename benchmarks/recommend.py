@@ -16,6 +16,9 @@ excluded, top-100:
   and excluding history in numpy -- the same lists, measured in the same run.
 * ``ann_recall_at_100``: the stage's ``retrieval=ann`` (:class:`AnnIndex`, IVF-Flat at its
   default nlist/nprobe) against the exact lists; ``ann_users_per_s`` and its build time.
+* ``ann_sweep``: recall@100 and users/s of the same index at nprobe = nlist/256 ..
+  nlist/4, and ``ann_min_nprobe_for_0_95``, the smallest nprobe reaching recall 0.95 (what
+  the default ``recommend.ann_nprobe`` rule is set from).
 
 Writes ``benchmarks/results/recommend.json``.
 """
@@ -111,13 +114,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     approx, _, _ = ann.topk(interests, K, history)
     ann_s = time.perf_counter() - t0
     recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(approx, exact)]))
+    sweep = []
+    for divisor in (256, 128, 64, 32, 16, 8, 4):
+        probe = max(1, ann.nlist // divisor)
+        ann.index.nprobe = probe
+        t0 = time.perf_counter()
+        lists, _, _ = ann.topk(interests, K, history)
+        took = time.perf_counter() - t0
+        sweep.append({"nprobe": probe, "recall_at_100": float(np.mean([len(set(a) & set(b)) / K
+                                                                       for a, b in zip(lists, exact)])),
+                      "users_per_s": users / took})
+        print(f"nprobe {probe:5d}  recall@100 {sweep[-1]['recall_at_100']:.4f}  users/s {users / took:.1f}", flush=True)
+    ann.index.nprobe = ann.nprobe
+    enough = [p["nprobe"] for p in sweep if p["recall_at_100"] >= 0.95]
 
     result = {
         "date": dt.date.today().isoformat(), "items": n, "users": users, "dim": DIM, "interests": S, "k": K,
         "history_excluded": HISTORY, "users_per_s": users / exact_s, "faiss_flat_users_per_s": users / flat_s,
         "speedup_vs_faiss": flat_s / exact_s, "exact_vs_faiss_list_agreement": float(agree),
         "ann_recall_at_100": recall, "ann_users_per_s": users / ann_s, "ann_build_s": build_s,
-        "ann_nlist": ann.nlist, "ann_nprobe": ann.nprobe,
+        "ann_nlist": ann.nlist, "ann_nprobe": ann.nprobe, "ann_sweep": sweep,
+        "ann_min_nprobe_for_0_95": min(enough) if enough else None,
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()}, "quick": args.quick,
     }
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)

@@ -13,8 +13,8 @@ layer and code under the new version) and to MLflow.
 ``encode_items`` encodes, with the latest codebook, only the items whose
 (``item_id``, ``content_hash``) has no code of that version yet (all of them after a
 refit), in an Arrow UDF on the executors, and merges them into ``item_codes``; other
-versions' rows stay. After an aligned refit it reports the share of the catalog whose
-codes did not change.
+versions' rows stay while a registered model uses them (:func:`prune_codes`). After an
+aligned refit it reports the share of the catalog whose codes did not change.
 """
 
 from __future__ import annotations
@@ -300,8 +300,54 @@ def run_encode(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOu
         if same["n"]:
             summary.update({"parent_version": parent, "codes_unchanged": float(same["all"]),
                             "codes_unchanged_layer0": float(same["first"]), "codes_compared": int(same["n"])})
+    if mode.startswith("full") and cfg.codebook.prune_codes:
+        summary.update(prune_codes(ctx, cfg, keep={version, parent} - {None}))
     return StageOutput(rows={"items": int(stats["n_items"]), "encoded": n_todo}, summary=summary,
                        outputs=(schemas.ITEM_CODES,) if n_todo else ())
+
+
+def codes_in_use(ctx: StageContext, cfg: Config) -> tuple[set[str], str]:
+    """The codebook versions some model still reads codes of, and where that came from.
+
+    With the registry on: the ``hymirec.codebook_version`` tag of every registered
+    version's training run (serving and backfills only load registered versions, or fall
+    back to the model's own item store). Without it: every version a successful ``train``
+    run recorded in ``job_runs``.
+    """
+    from hymirec_udfs.core import lineage, registry
+
+    if cfg.registry.enabled and cfg.tracking.enabled:
+        return registry.run_tag_values(cfg, "hymirec.codebook_version"), f"registered model '{cfg.registry.model_name}'"
+    return lineage.summary_values(ctx.store, "train", "codebook_version"), "train runs in job_runs"
+
+
+def prune_codes(ctx: StageContext, cfg: Config, keep: set[str]) -> dict[str, Any]:
+    """Delete the ``item_codes`` rows of codebook versions that no model uses (see
+    :func:`codes_in_use`) and that are not in ``keep`` (the latest version and the one it
+    was aligned to). Each refit adds one catalog of codes; without this they accumulate.
+
+    Cost: one registry call per registered version, then one Delta delete; versions are
+    written by separate ``replace_where`` commits, so the delete drops whole files (no
+    rewrite) — at 10M items a pruned version is ~10M rows / ~200 MB removed from the
+    snapshot (the files stay for time travel until ``VACUUM``). A registry that cannot
+    answer skips pruning (reported), never deletes codes a model might read.
+    """
+    from pyspark.sql import functions as F
+
+    try:
+        used, source = codes_in_use(ctx, cfg)
+    except Exception as exc:  # noqa: BLE001 - the registry is down: keep everything, say why
+        return {"prune_skipped": f"{type(exc).__name__}: {exc}"[:300]}
+    versions = {r["codebook_version"] for r in
+                ctx.read(schemas.ITEM_CODES).select("codebook_version").distinct().collect()}
+    stale = sorted(versions - keep - used)
+    out: dict[str, Any] = {"codes_kept_versions": sorted(versions - set(stale)), "codes_kept_because": source,
+                           "pruned_versions": stale, "pruned_rows": 0}
+    if stale:
+        predicate = " OR ".join(f"codebook_version = '{v}'" for v in stale)
+        out["pruned_rows"] = int(ctx.read(schemas.ITEM_CODES).where(F.col("codebook_version").isin(stale)).count())
+        ctx.store.delete(schemas.ITEM_CODES, predicate)
+    return out
 
 
 def _parent_version(ctx: StageContext, version: str) -> Optional[str]:

@@ -252,6 +252,9 @@ class CodebookConfig:
             drift score's reference (0: the basepool itself, optimistic).
         warm_start: a refit starts from the pinned codebook's centroids, and each layer's
             new centroids are matched to the old code ids (Hungarian on centroid cosine).
+        prune_codes: after a refit, ``encode_items`` deletes the ``item_codes`` of
+            codebook versions that no registered model (no ``train`` run, with the
+            registry off) uses, keeping the new version and the one it was aligned to.
     """
 
     metric: str = "cosine"
@@ -267,6 +270,7 @@ class CodebookConfig:
     min_new_items: int = 20
     holdout_fraction: float = 0.0
     warm_start: bool = True
+    prune_codes: bool = True
 
 
 @dataclass

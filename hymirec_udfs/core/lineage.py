@@ -74,6 +74,19 @@ def last_success(store: TableStore, stage: str, run_date: Optional[str] = None) 
     return rows[0].asDict(recursive=True) if rows else None
 
 
+def summary_values(store: TableStore, stage: str, key: str) -> set[str]:
+    """The distinct non-empty values of ``summary.<key>`` over ``stage``'s successful runs
+    (an aggregate over ``job_runs``: one row per stage run)."""
+    if not store.exists(schemas.JOB_RUNS):
+        return set()
+    from pyspark.sql import functions as F
+
+    value = F.get_json_object("summary", f"$.{key}")
+    rows = (store.read(schemas.JOB_RUNS).where((F.col("stage") == stage) & (F.col("status") == "success"))
+            .select(value.alias("v")).where(F.col("v").isNotNull() & (F.col("v") != "")).distinct().collect())
+    return {r["v"] for r in rows}
+
+
 def up_to_date(store: TableStore, cfg: Config, spec: StageSpec) -> Optional[str]:
     """Why ``spec`` can be skipped, or None when it must run.
 

@@ -10,8 +10,10 @@ Artefacts: the weights as ``model.safetensors`` with the model's configs in
 ``model.json`` (no pickle; ``training.checkpoints.export_safetensors``), the item store
 beside it (embeddings, codes, codebook), the item index
 (ranking vectors + ids), and ``settings.json`` (the ``recommend`` settings it scores
-with). The package itself travels in ``code_paths``; requirements are pinned to the
-versions installed when it was logged.
+with). The project wheel of the code that logged it travels in ``code_paths``
+(:mod:`hymirec_udfs.recommend.wheel`) and ``requirements.txt`` names it
+(``code/hymirec-<version>+g<hash>.whl``) beside the other requirements, pinned to the
+versions installed when it was logged: a restored environment runs the logging code.
 
 Input: ``item_ids`` (array<string>, a user's history, oldest first), optional ``user_id``.
 Output: ``user_id``, ``items`` (array<string>, best first), ``scores`` (array<float>),
@@ -79,9 +81,9 @@ def log_pyfunc(cfg: Any, checkpoint: str, work: Path, name: str = "model") -> An
     import pandas as pd
     from mlflow.models import infer_signature
 
-    import hymirec_udfs
     from hymirec_udfs.evaluation.offline import LoadedModel
     from hymirec_udfs.recommend.serving import write_item_index
+    from hymirec_udfs.recommend.wheel import project_wheel
     from hymirec_udfs.training.checkpoints import export_safetensors
 
     shutil.rmtree(work, ignore_errors=True)  # never an earlier model's item index
@@ -114,9 +116,10 @@ def log_pyfunc(cfg: Any, checkpoint: str, work: Path, name: str = "model") -> An
             versions.append(f"{dist}=={md.version(dist)}")
         except md.PackageNotFoundError:
             versions.append(dist)
+    wheel = project_wheel(work.parent / "wheels")
     return mlflow.pyfunc.log_model(
         name=name, python_model=model, artifacts=_Context.artifacts, signature=signature, input_example=example,
-        pip_requirements=versions, code_paths=[str(Path(hymirec_udfs.__file__).parent)],
+        pip_requirements=[*versions, f"code/{wheel.name}"], code_paths=[str(wheel)],
     )
 
 

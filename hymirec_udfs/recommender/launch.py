@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
+import tempfile
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,7 +106,6 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
     """Per-step/epoch metrics, the final model and its item store to the MLflow run."""
     if not ctx.logger.active:
         return
-    import mlflow
 
     if Path(metrics_path).exists():
         for line in Path(metrics_path).read_text().splitlines():
@@ -117,8 +116,6 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
     ctx.logger.dict(result, f"{prefix}training/result.json")
     checkpoint = result.get("best_checkpoint") or result.get("last_checkpoint")
     if checkpoint:
-        import mlflow.pytorch
-
         from hymirec_udfs.recommender.train import load_trained_model
 
         model = load_trained_model(checkpoint)
@@ -131,13 +128,14 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
             log_pyfunc(ctx.cfg, checkpoint, ctx.cfg.work_dir / "pyfunc" / Path(checkpoint).parent.name,
                        name=logged_name)
         else:
-            # SASRec (a baseline, never served: it cannot score unseen items): the torch
-            # module, pickled; it takes index tensors, so there is no array example for pt2.
-            options: dict[str, Any] = {}
-            if "serialization_format" in inspect.signature(mlflow.pytorch.log_model).parameters:
-                options["serialization_format"] = "pickle"
-            mlflow.pytorch.log_model(model, name=logged_name, pip_requirements=["torch", "transformers", "hymirec"],
-                                     **options)
+            # SASRec (a baseline, never served: it cannot score unseen items): its weights
+            # as safetensors plus the configs (no pickled module, no MLflow-version-specific
+            # flavour options); training.checkpoints.load_checkpoint reads them back.
+            from hymirec_udfs.training.checkpoints import export_safetensors
+
+            with tempfile.TemporaryDirectory(prefix="hymirec-weights-") as tmp:
+                export_safetensors(checkpoint, Path(tmp))
+                ctx.logger.artifact(tmp, logged_name)
         ctx.logger.artifact(checkpoint, f"{prefix}checkpoint")
         ctx.logger.artifact(str(Path(checkpoint).parent / "item_store"), f"{prefix}checkpoint/item_store")
         ctx.logger.tags({f"hymirec.{prefix}model_type": model_type, f"hymirec.{prefix}checkpoint": checkpoint})

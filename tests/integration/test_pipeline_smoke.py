@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,11 @@ def test_whole_pipeline_then_noop_rerun(spark, make_cfg, tiny_llama_dir, tmp_pat
     mlflow.set_tracking_uri(cfg.tracking_uri)
     run = mlflow.get_run(ran["train"].mlflow_run_id)
     assert "loss" in run.data.metrics and run.info.status == "FINISHED"
+    # the SASRec baseline's weights: safetensors + configs, no pickled module (no MLmodel)
+    logged = {a.path for a in mlflow.artifacts.list_artifacts(run_id=ran["evaluate"].mlflow_run_id,
+                                                               artifact_path="sasrec_model")}
+    assert {"sasrec_model/model.safetensors", "sasrec_model/model.json"} <= logged, logged
+    assert "sasrec_model/MLmodel" not in logged
 
     again = run_pipeline(spark, cfg, echo=lines.append)
     assert all(j.skipped for j in again), [(j.stage, j.status) for j in again]
@@ -96,15 +102,26 @@ def _pyfunc_matches_the_stage(spark, cfg, store, tmp_path: Path) -> None:
     inputs = tmp_path / "histories.parquet"
     pq.write_table(histories.toArrow(), inputs)
     outputs = tmp_path / "pyfunc_out.json"
+    # The model runs on its own code: the wheel logged in code_paths, named by its
+    # requirements.txt, installed alone into a folder the fresh process imports first.
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/hymirec@champion", dst_path=str(tmp_path / "m")))
+    named = [r for r in (model_dir / "requirements.txt").read_text().split() if r.endswith(".whl")]
+    assert len(named) == 1 and named[0].startswith("code/hymirec-0.1.0+g"), named
+    own = tmp_path / "own_code"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(own),
+                    str(model_dir / named[0])], check=True)
     script = (
-        "import sys, json, mlflow, pandas as pd\n"
+        "import sys, json, mlflow, pandas as pd, hymirec_udfs\n"
+        "assert hymirec_udfs.__file__.startswith(sys.argv[4]), hymirec_udfs.__file__\n"
         "mlflow.set_tracking_uri(sys.argv[1])\n"
         "model = mlflow.pyfunc.load_model('models:/hymirec@champion')\n"
         "out = model.predict(pd.read_parquet(sys.argv[2]))\n"
         "json.dump({u: [list(i), [float(x) for x in s]] for u, i, s in zip(out.user_id, out['items'], out.scores)},"
         " open(sys.argv[3], 'w'))\n")
-    proc = subprocess.run([sys.executable, "-c", script, cfg.tracking_uri, str(inputs), str(outputs)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script, cfg.tracking_uri, str(inputs), str(outputs), str(own)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(own)})
     assert proc.returncode == 0, proc.stderr[-4000:]
     fresh = json.loads(outputs.read_text())
     recs = store.read(schemas.RECOMMENDATIONS).orderBy("user_id", "rank").toPandas()

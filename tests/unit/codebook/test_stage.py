@@ -39,8 +39,9 @@ def _write_embeddings(spark, cfg, matrix: np.ndarray, tag: str = "") -> str:
 
 @pytest.fixture
 def cb_cfg(make_cfg, tiny_llama_dir):
-    def _make(*extra: str):
-        return make_cfg(f"embed.model={tiny_llama_dir}", "codebook.ks=[8, 8]", "codebook.iters=10", *extra)
+    def _make(*extra: str, tracking: bool = False):
+        return make_cfg(f"embed.model={tiny_llama_dir}", "codebook.ks=[8, 8]", "codebook.iters=10", *extra,
+                        tracking=tracking)
     return _make
 
 
@@ -285,7 +286,8 @@ def test_drift_trips_a_warm_aligned_refit_that_keeps_most_codes(spark, cb_cfg) -
     aligned = enc.summary["codes_unchanged"]
 
     # the same refit, cold and unaligned (another seed), for comparison
-    cold = cb_cfg("codebook.refit=always", "codebook.warm_start=false", "codebook.seed=7")
+    cold = cb_cfg("codebook.refit=always", "codebook.warm_start=false", "codebook.seed=7",
+                  "codebook.prune_codes=false")  # keep the first version's codes to compare
     run_stage(spark, cold, "fit-codebook")
     store = get_table_store(spark, cfg)
     versions = [r.version for r in store.read(schemas.CODEBOOKS).select("version", "created_at").distinct()
@@ -296,3 +298,71 @@ def test_drift_trips_a_warm_aligned_refit_that_keeps_most_codes(spark, cb_cfg) -
     unaligned = new.join(old, "item_id").agg(F.avg((F.col("n.codes") == F.col("o.codes")).cast("double"))).first()[0]
     print("codes unchanged (all layers): aligned", aligned, "unaligned", unaligned)
     assert aligned >= 0.5 and aligned > unaligned + 0.3, (aligned, unaligned)
+
+
+def _register_run_on(cfg, codebook_version: str) -> None:
+    """A registered model version whose training run used ``codebook_version``."""
+    import mlflow
+
+    from hymirec_udfs.core import registry
+    from hymirec_udfs.core.tracking import configure_mlflow
+
+    class Constant(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):  # noqa: ARG002
+            return model_input
+
+    configure_mlflow(cfg)
+    with mlflow.start_run(tags={"hymirec.codebook_version": codebook_version}) as run:
+        mlflow.pyfunc.log_model(name="model", python_model=Constant())
+    registry.register(cfg, run.info.run_id)
+
+
+def test_refits_prune_codes_no_registered_model_uses(spark, cb_cfg) -> None:
+    """Four refits: item_codes keeps the latest version, the one it was aligned to, and
+    the version a registered model was trained on; the others are deleted."""
+    cfg = cb_cfg("codebook.refit=always", tracking=True)
+    store = get_table_store(spark, cfg)
+    base = _clustered(120, 16)
+    versions, pruned = [], []
+    for day in range(4):
+        _write_embeddings(spark, cfg, base, tag=f"d{day}")
+        versions.append(run_stage(spark, cfg, "fit-codebook").summary["version"])
+        enc = run_stage(spark, cfg, "encode")
+        assert enc.summary["encode_mode"] == "full"
+        pruned.append(enc.summary["pruned_versions"])
+        if day == 0:
+            _register_run_on(cfg, versions[0])
+    assert pruned == [[], [], [], [versions[1]]], (versions, pruned)
+    assert enc.summary["codes_kept_because"] == "registered model 'hymirec'" and enc.summary["pruned_rows"] == 120
+    left = {r.codebook_version for r in store.read(schemas.ITEM_CODES).select("codebook_version").distinct().collect()}
+    assert left == {versions[0], versions[2], versions[3]}
+    assert store.count(schemas.ITEM_CODES) == 3 * 120
+
+
+def test_without_the_registry_train_runs_keep_their_codes_and_a_failing_registry_prunes_nothing(
+        spark, cb_cfg) -> None:
+    from hymirec_udfs.codebook.stage import prune_codes
+
+    cfg = cb_cfg("codebook.refit=always", "codebook.prune_codes=false")
+    store = get_table_store(spark, cfg)
+    base = _clustered(120, 16)
+    versions = []
+    for day in range(3):
+        _write_embeddings(spark, cfg, base, tag=f"d{day}")
+        versions.append(run_stage(spark, cfg, "fit-codebook").summary["version"])
+        run_stage(spark, cfg, "encode")
+    ctx = StageContext(spark, cfg, store, "t", RunLogger(None), "test")
+    # the registry is on but cannot answer (tracking points at a file, not a database)
+    broken = cb_cfg("tracking.tracking_uri=sqlite:////dev/null/nowhere.db", tracking=True)
+    out = prune_codes(StageContext(spark, broken, store, "t", RunLogger(None), "test"), broken, keep={versions[2]})
+    assert "prune_skipped" in out and store.count(schemas.ITEM_CODES) == 3 * 120
+    # registry off: a successful train run on versions[0] keeps it
+    from hymirec_udfs.core.lineage import JobRun, record_job_run
+
+    record_job_run(store, spark, cfg, JobRun("train", "r", "success", "h", {}, {}, {},
+                                             {"codebook_version": versions[0]}, 1.0), NOW, None)
+    off = cb_cfg("registry.enabled=false")
+    out = prune_codes(ctx, off, keep={versions[2]})
+    assert out["pruned_versions"] == [versions[1]] and out["codes_kept_because"] == "train runs in job_runs"
+    left = {r.codebook_version for r in store.read(schemas.ITEM_CODES).select("codebook_version").distinct().collect()}
+    assert left == {versions[0], versions[2]}

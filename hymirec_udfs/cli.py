@@ -51,9 +51,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="level of the progress log on stderr (default INFO)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown command, missing argument, bad choice) also
+    end with the ``HYMIREC_RESULT`` line, exit code :data:`EXIT_USAGE`; sub-parsers inherit it."""
+
+    def error(self, message: str) -> Any:  # argparse's contract: never returns
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        _result({"command": self.prog.removeprefix("hymirec").strip() or "hymirec", "status": "failed",
+                 "error": message})
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="hymirec", description="HyMiRec batch ETL on Spark")
+    parser = _Parser(prog="hymirec", description="HyMiRec batch ETL on Spark")
     from hymirec_udfs import __version__
 
     parser.add_argument("--version", action="version", version=f"hymirec {__version__}")

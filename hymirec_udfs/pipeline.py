@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from hymirec_udfs.core import rundate, schemas
 from hymirec_udfs.core.config import Config
 from hymirec_udfs.core.lineage import JobRun, backfill_reason, record_job_run, up_to_date
+from hymirec_udfs.core.progress import SparkProgress
 from hymirec_udfs.core.stage_api import StageContext, StageFailed, StageSpec
 from hymirec_udfs.core.tables import TableStore, get_table_store
 from hymirec_udfs.core.tracking import mlflow_run
@@ -165,6 +166,7 @@ def run_stage(
             logger.tags({"hymirec.config_hash": config_hash})
             # The Spark UI (and its REST API) groups this stage's jobs under its name.
             spark.sparkContext.setJobGroup(f"hymirec:{spec.name}", f"hymirec {spec.name} (run {run_id})")
+            ctx.progress = SparkProgress(spark, spec.name, cfg.tracking.progress_every_s).start()
             try:
                 out = spec.function()(spark, cfg, ctx)
                 outputs = {t: int(store.version(t)) for t in (out.outputs or spec.outputs) if store.exists(t)}
@@ -174,6 +176,7 @@ def run_stage(
                 # recommendations) it is the whole table, not this run's share.
                 committed = {f"committed.{t}": int(store.read(t, version=v).count()) for t, v in outputs.items()}
             finally:
+                ctx.progress.stop()
                 spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
                 spark.sparkContext.setLocalProperty("spark.job.description", None)
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised

@@ -58,6 +58,7 @@ from hymirec_udfs.content_encoder.train import ENCODER_DIR, FILES_PER_RANK, FINA
 from hymirec_udfs.content_encoder.windows import HELD_OUT_PER_USER, MIN_WINDOW_ITEMS, build_windows
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import Config
+from hymirec_udfs.core.progress import MetricsFollower
 from hymirec_udfs.core.shards import SHARD_COLUMN, spark_user_shard
 from hymirec_udfs.core.stage_api import StageContext, StageOutput
 
@@ -153,8 +154,13 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     )
     ctx.logger.params({"stage1_checkpoint_dir": str(run_dir), "stage1_windows": n_windows, "n_items": n_items,
                        "base_model_id": base_model_id})
+    def send(values: dict[str, float], step: int) -> None:  # live, as rank 0 appends them
+        ctx.logger.metrics({f"stage1.{k}": v for k, v in values.items()}, step=step)
+
     try:
-        result = run_distributed("hymirec_udfs.content_encoder.train:train_content_encoder", kwargs, run_dir, cfg)
+        with MetricsFollower(str(metrics_path), cfg.tracking.progress_every_s, send, label="stage1"):
+            result = run_distributed("hymirec_udfs.content_encoder.train:train_content_encoder", kwargs, run_dir,
+                                     cfg)
     except DistributedRunError as exc:
         raise ContentEncoderTrainingError(str(exc)) from exc
     encoder_path = result["encoder_path"]
@@ -188,11 +194,7 @@ def _log_run(ctx: StageContext, metrics_path: Path, encoder_path: str, result: d
     """Per-step metrics and the trained encoder (a transformers checkpoint) to the MLflow run."""
     if not ctx.logger.active:
         return
-    if metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            record = json.loads(line)
-            ctx.logger.metrics({f"stage1.{k}": v for k, v in record.items() if k not in ("step", "kind")},
-                               step=int(record["step"]))
+    if metrics_path.exists():  # its records went to MLflow during training (MetricsFollower)
         ctx.logger.artifact(str(metrics_path), "training")
     ctx.logger.dict(result, "training/result.json")
     ctx.logger.artifact(encoder_path, ENCODER_DIR)

@@ -109,11 +109,16 @@ class TrackingConfig:
             under ``<work_dir>/mlflow/artifacts``. With a remote ``work_dir`` that sqlite
             file is node-local: set an MLflow server or ``databricks`` here to share runs.
         experiment: experiment name or workspace path.
+        progress_every_s: seconds between progress lines of a running stage (Spark tasks
+            done, ETA, items/s or users/s; training step, loss, samples/s) and between
+            pushes of training metrics to MLflow (0: no progress lines, metrics sent when
+            training ends).
     """
 
     enabled: bool = True
     tracking_uri: str = ""
     experiment: str = "hymirec"
+    progress_every_s: float = 30.0
 
 
 @dataclass

@@ -53,6 +53,14 @@ class StageContext:
     logger: RunLogger
     stage: str
     input_versions: dict[str, int] = field(default_factory=dict)
+    #: the stage's :class:`~hymirec_udfs.core.progress.SparkProgress` (set by the runner);
+    #: a stage calls ``ctx.progress.expect(n, "items")`` to get units/s in its progress lines
+    progress: Any = None
+
+    def expect(self, total: int, unit: str) -> None:
+        """Declare what the stage's big Spark job processes (progress lines show units/s)."""
+        if self.progress is not None:
+            self.progress.expect(total, unit)
 
     def read(self, name: str) -> "DataFrame":
         """Read an input table pinned to the version current when first read."""

@@ -40,18 +40,27 @@ class RunLogger:
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
 
     def metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        """Log numeric metrics; non-numeric values are skipped."""
+        """Log numeric metrics; non-numeric values are skipped.
+
+        Logged to this logger's run by id (``MlflowClient.log_batch``), not through the
+        fluent API's active run, which is per thread: the training metrics follower calls
+        this from its own thread while training runs.
+        """
         if not self.active:
             return
-        import mlflow
+        import time
 
-        clean = {
-            metric_name(k): float(v)
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        clean = [
+            Metric(metric_name(k), float(v), now, int(step or 0))
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
+        ]
         if clean:
-            mlflow.log_metrics(clean, step=step)
+            MlflowClient().log_batch(self.run_id, metrics=clean)
 
     def tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags."""

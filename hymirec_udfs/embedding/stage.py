@@ -86,6 +86,7 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     todo, empty = items_to_embed(items, existing, model_id)
     todo = todo.cache()
     n_todo, n_empty = todo.count(), empty.count()
+    ctx.expect(n_todo, "items")  # progress lines: items/s and ETA while the UDF embeds
     n_items = items.count()
     other_models = existing.where(F.col("model_id") != model_id).select("model_id").distinct().count()
     outputs: tuple[str, ...] = ()

@@ -239,8 +239,10 @@ def evaluate_models(
     # one valid/test sample per user, cut from the user rows in Spark, cached: every model
     # scores the same samples
     seqs = eval_samples(ctx.read(schemas.SEQUENCES), cfg.sequences, cfg.evaluate.splits).repartition(parts).cache()
-    if seqs.limit(1).count() == 0:
+    n_samples = seqs.count()
+    if n_samples == 0:
         raise EvaluationError(f"table 'sequences' has no samples for splits {cfg.evaluate.splits}")
+    ctx.expect(n_samples * len(models), "user evaluations")  # progress lines: users/s
     per_user = None
     for name, (checkpoint, run_id) in models.items():
         df = evaluate_checkpoint(seqs, checkpoint, model_name=name, run_id=run_id, cfg=cfg)

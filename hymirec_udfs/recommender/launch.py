@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.choices import ModelType
 from hymirec_udfs.core.config import Config
+from hymirec_udfs.core.progress import MetricsFollower
 from hymirec_udfs.core.stage_api import StageContext
 from hymirec_udfs.recommender.data import TrainStageError
 from hymirec_udfs.recommender.item_store import link_or_copy_store
@@ -96,7 +97,15 @@ def run_training(
     )
     ctx.logger.params({f"{prefix}model_type": model_type, f"{prefix}checkpoint_dir": str(run_dir),
                        f"{prefix}n_items": store.n_items, f"{prefix}sequence_files": len(files)})
-    result = run_distributed("hymirec_udfs.recommender.train:train", kwargs, run_dir, cfg)
+    # Metrics reach MLflow (and progress lines the log) while training runs, from the file
+    # rank 0 appends to; a run that crashes keeps what it logged. A resumed run's file
+    # starts with the earlier attempt's records: they are sent too (one whole curve).
+    def send(values: dict[str, float], step: int) -> None:
+        ctx.logger.metrics({f"{prefix}{k}": v for k, v in values.items()}, step=step)
+
+    follower = MetricsFollower(metrics_path, cfg.tracking.progress_every_s, send, label=f"{prefix}{model_type}")
+    with follower:
+        result = run_distributed("hymirec_udfs.recommender.train:train", kwargs, run_dir, cfg)
     _log_training(ctx, metrics_path, result, model_type, prefix)
     result["checkpoint_dir"] = str(run_dir)
     return result
@@ -107,11 +116,7 @@ def _log_training(ctx: StageContext, metrics_path: str, result: dict[str, Any], 
     if not ctx.logger.active:
         return
 
-    if Path(metrics_path).exists():
-        for line in Path(metrics_path).read_text().splitlines():
-            record = json.loads(line)
-            step = int(record.get("step", 0))
-            ctx.logger.metrics({f"{prefix}{k}": v for k, v in record.items() if k not in ("step", "kind")}, step=step)
+    if Path(metrics_path).exists():  # its records went to MLflow during training (MetricsFollower)
         ctx.logger.artifact(metrics_path, f"{prefix}training")
     ctx.logger.dict(result, f"{prefix}training/result.json")
     checkpoint = result.get("best_checkpoint") or result.get("last_checkpoint")

@@ -520,7 +520,8 @@ def _train_loop(
             state.pos = b + 1
             samples += len(batch) * world
             log({"kind": "train", "step": state.step, "epoch": state.epoch, "loss": float(stat[0]) / world,
-                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm})
+                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                 "samples_per_s": samples / max(time.perf_counter() - t_start - val_seconds, 1e-9)})
             if reached_max_steps() and state.pos < steps_per_epoch:
                 state.stop_reason = "max_steps"
                 save()

@@ -23,7 +23,7 @@ TINY = [
     "model.llm_hidden=32", "model.llm_layers=1", "model.llm_heads=2", "model.llm_kv_heads=2",
     "model.llm_intermediate=64", "model.light_width=32", "model.light_heads=2", "model.light_layers=1",
     "dmil.negatives=32", "train.epochs=2", "train.batch_size=32", "train.warmup_steps=2",
-    "train.num_processes=2", "evaluate.chunk_items=64",
+    "train.num_processes=2", "evaluate.chunk_items=64", "tracking.progress_every_s=0.5",
 ]
 
 
@@ -73,6 +73,12 @@ def test_whole_pipeline_then_noop_rerun(spark, make_cfg, tiny_llama_dir, tmp_pat
     mlflow.set_tracking_uri(cfg.tracking_uri)
     run = mlflow.get_run(ran["train"].mlflow_run_id)
     assert "loss" in run.data.metrics and run.info.status == "FINISHED"
+    # every training step's loss reached the run (sent live by the metrics follower, once)
+    records = [json.loads(x) for x in (Path(train_summary["best_checkpoint"]).parent / "metrics.jsonl")
+               .read_text().splitlines()]
+    steps = sorted(r["step"] for r in records if r["kind"] == "train")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == steps and len(steps) >= 2
     # the SASRec baseline's weights: safetensors + configs, no pickled module (no MLmodel)
     logged = {a.path for a in mlflow.artifacts.list_artifacts(run_id=ran["evaluate"].mlflow_run_id,
                                                                artifact_path="sasrec_model")}

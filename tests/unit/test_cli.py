@@ -48,6 +48,23 @@ def test_unknown_pipeline_stage_fails_cleanly_before_spark(capsys) -> None:
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["pipeline"], "the following arguments are required: action"),
+    (["train", "--log-level", "LOUD"], "argument --log-level: invalid choice: 'LOUD'"),
+    (["schedule", "simulate", "--days", "two"], "argument --days: invalid int value: 'two'"),
+])
+def test_argument_errors_end_with_a_result_line_and_exit_2(capsys, argv, needle) -> None:
+    # before: argparse printed its message and exited 2 with no result line
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == EXIT_USAGE
+    captured = capsys.readouterr()
+    result = _result(captured.out)
+    assert result["status"] == "failed" and needle in result["error"], result
+    assert needle in captured.err
+
+
 def test_a_bad_run_date_is_a_usage_error_before_spark(capsys) -> None:
     assert main(["pipeline", "run", "--run-date", "30/11/2026"]) == EXIT_USAGE
     result = _result(capsys.readouterr().out)

@@ -49,10 +49,19 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
 
             served = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, model_run_id=champion.run_id))
             models[CHAMPION_MODEL] = (trained_model(ctx, served)[0], champion.run_id)
+    # Baselines train on the cluster evaluate runs on (the CPU job cluster on Databricks):
+    # train.use_gpu without GPU task slots here trains them on CPUs (said in the summary).
+    import dataclasses
+
+    from hymirec_udfs.training.launch import fit_to_session
+
+    baseline_train, baseline_note = fit_to_session(spark, cfg.train) if cfg.evaluate.baselines else (cfg.train, "")
+    baseline_cfg = dataclasses.replace(cfg, train=baseline_train)
     for baseline in cfg.evaluate.baselines:
         if baseline == cfg.train.model_type:
             continue
-        result = run_training(spark, cfg, ctx, baseline, item_store_for(ctx, cfg, baseline), prefix=f"{baseline}.")
+        result = run_training(spark, baseline_cfg, ctx, baseline, item_store_for(ctx, cfg, baseline),
+                              prefix=f"{baseline}.")
         models[baseline] = (result.get("best_checkpoint") or result["last_checkpoint"], f"{ctx.run_id}-{baseline}")
     rows = evaluate_models(spark, cfg, ctx, models)
     table = metrics_table(rows)
@@ -61,6 +70,8 @@ def run(spark: "SparkSession", cfg: Config, ctx: StageContext) -> StageOutput:
     published = uri.publish_dir(Path(report).parent, uri.join(cfg.reports_uri, ctx.run_id))
     print(table)
     summary: dict[str, Any] = {"report": uri.join(published, Path(report).name), "metrics_table": table}
+    if baseline_note:
+        summary["baselines_device"] = baseline_note
     for r in rows:
         if r["split"] == "test" and r["k"] == 10:
             summary[f"{r['model']}.test.recall@10"] = r["recall"]

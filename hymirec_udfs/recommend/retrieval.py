@@ -100,6 +100,18 @@ def exact_topk(
     return idx, score, attribute_interests(interests, items, idx)
 
 
+def default_nprobe(nlist: int) -> int:
+    """Lists searched per query by default: ``max(16, nlist // 64)``.
+
+    Measured (``benchmarks/recommend.py``, 1M clustered 384-d items, nlist 4,000, top-100
+    of 2 interests with 50 excluded, 2 cores): recall@100 against exact 0.953 at nprobe
+    15, 0.988 at 31, **0.997 at 62** (this rule), 1.000 at 250; users/s 1,185 / 398 / 282
+    / 89 (exact: ~100). nlist/64 keeps a margin above the 0.95 goal for catalogs less
+    clustered than the benchmark's, at ~3x exact's speed on CPU.
+    """
+    return max(16, nlist // 64)
+
+
 class AnnIndex:
     """A faiss inner-product IVF index over unit item vectors (cosine = inner product).
 
@@ -107,7 +119,7 @@ class AnnIndex:
         items: ``(N, D)`` unit item vectors (float32 or float16; added in chunks).
         nlist: inverted lists (0: ``4 * sqrt(N)``, at least 1, at most N / 39 so that
             every list has training points).
-        nprobe: lists searched per query (0: ``max(8, nlist // 8)``).
+        nprobe: lists searched per query (0: :func:`default_nprobe`).
         seed: the k-means seed of the IVF training.
         train_sample: vectors the quantizer is trained on (a seeded sample beyond that).
     """
@@ -120,7 +132,7 @@ class AnnIndex:
         if not nlist:
             nlist = int(4 * math.sqrt(max(n, 1)))
         self.nlist = max(1, min(nlist, n // 39 if n >= 39 else 1))
-        self.nprobe = nprobe or max(8, self.nlist // 8)
+        self.nprobe = nprobe or default_nprobe(self.nlist)
         quantizer = faiss.IndexFlatIP(self.dim)
         self.index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
         self.index.cp.seed = seed
@@ -141,7 +153,7 @@ class AnnIndex:
         obj = cls.__new__(cls)
         obj.index = _faiss().read_index(path)
         obj.n_items, obj.dim, obj.nlist = obj.index.ntotal, obj.index.d, obj.index.nlist
-        obj.nprobe = nprobe or max(8, obj.nlist // 8)
+        obj.nprobe = nprobe or default_nprobe(obj.nlist)
         obj.index.nprobe = min(obj.nprobe, obj.nlist)
         return obj
 

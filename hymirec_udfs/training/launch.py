@@ -46,13 +46,8 @@ def training_slots(*, local_mode: bool, use_gpu: bool, driver_gpus: int, executo
     return executors * int(executor_cores // max(task_cpus, 1.0))
 
 
-def check_slots(spark: "SparkSession", train_cfg: "TrainConfig") -> None:
-    """Fail before training starts when ``train.num_processes`` cannot all run at once.
-
-    Raises:
-        NotEnoughSlotsError: naming the requested and available numbers and the settings
-            to change (TorchDistributor would otherwise wait, then fail after its retries).
-    """
+def _session_slots(spark: "SparkSession", local_mode: bool, use_gpu: bool) -> tuple[Optional[int], int, str]:
+    """(available slots, executors, master) for TorchDistributor in this session."""
     sc = spark.sparkContext
     conf = sc.getConf()
     master = sc.master or ""
@@ -62,15 +57,47 @@ def check_slots(spark: "SparkSession", train_cfg: "TrainConfig") -> None:
         executors = max(1, sc._jsc.sc().getExecutorMemoryStatus().size() - 1)  # minus the driver
         cores = int(conf.get("spark.executor.cores", str(max(1, sc.defaultParallelism // executors))))
     driver_gpus = 0
-    if train_cfg.use_gpu and train_cfg.local_mode:
+    if use_gpu and local_mode:
         import torch
 
         driver_gpus = torch.cuda.device_count()
     available = training_slots(
-        local_mode=train_cfg.local_mode, use_gpu=train_cfg.use_gpu, driver_gpus=driver_gpus, executors=executors,
+        local_mode=local_mode, use_gpu=use_gpu, driver_gpus=driver_gpus, executors=executors,
         executor_cores=cores, task_cpus=float(conf.get("spark.task.cpus", "1")),
         executor_gpus=float(conf.get("spark.executor.resource.gpu.amount", "0")),
         task_gpus=float(conf.get("spark.task.resource.gpu.amount", "0")))
+    return available, executors, master
+
+
+def fit_to_session(spark: "SparkSession", train_cfg: "TrainConfig") -> tuple["TrainConfig", str]:
+    """``train_cfg`` for a stage that trains on whatever cluster it was given (evaluate's
+    baselines, ablations): with ``use_gpu`` on a session without GPU task slots (the CPU
+    job cluster of a Databricks job, a CPU-only Airflow task) it trains on CPUs, with at
+    most as many processes as there are task slots. Returns the settings and a note ("" when
+    unchanged). The ``train`` stage itself never falls back: it fails in :func:`check_slots`.
+    """
+    import dataclasses
+
+    if not train_cfg.use_gpu:
+        return train_cfg, ""
+    gpus, _, _ = _session_slots(spark, train_cfg.local_mode, True)
+    if gpus:
+        return train_cfg, ""
+    cpus, _, _ = _session_slots(spark, train_cfg.local_mode, False)
+    processes = train_cfg.num_processes if cpus is None else max(1, min(train_cfg.num_processes, cpus))
+    note = (f"this session has no GPU task slots: trained on CPUs with {processes} process(es) instead of "
+            f"train.use_gpu=true x {train_cfg.num_processes}")
+    return dataclasses.replace(train_cfg, use_gpu=False, num_processes=processes), note
+
+
+def check_slots(spark: "SparkSession", train_cfg: "TrainConfig") -> None:
+    """Fail before training starts when ``train.num_processes`` cannot all run at once.
+
+    Raises:
+        NotEnoughSlotsError: naming the requested and available numbers and the settings
+            to change (TorchDistributor would otherwise wait, then fail after its retries).
+    """
+    available, executors, master = _session_slots(spark, train_cfg.local_mode, train_cfg.use_gpu)
     if available is None or train_cfg.num_processes <= available:
         return
     where = ("GPUs on the driver (local_mode)" if train_cfg.local_mode else

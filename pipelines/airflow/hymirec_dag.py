@@ -11,19 +11,31 @@ Chain::
            >> encode_items >> build_sequences >> train >> evaluate >> recommend
     ingest >> embed_items            (embed_items runs when stage 1 is skipped)
 
-Where things come from, per run (the ``params`` of a manual trigger) or per deployment
-(Airflow Variables), else the defaults below:
+Where things come from: per deployment, from Airflow Variables (set by whoever deploys the
+DAG), else the defaults below. **No trigger param reaches ``application``, ``py_files`` or
+``conf``**: whoever may trigger the DAG chooses only the profile name (letters, digits and
+dashes, no paths), the stage-1 switch and the date, never which script, wheel or Spark
+settings run with the Spark connection's identity.
 
-* ``jobs/`` directory: param ``jobs_dir``, else Variable ``hymirec_jobs_dir``, else
-  ``/opt/hymirec/jobs`` (a checkout or a copy of the repository's ``jobs/``).
-* the package: param ``wheel``, else Variable ``hymirec_wheel``, else
+* ``jobs/`` directory: Variable ``hymirec_jobs_dir``, else ``/opt/hymirec/jobs`` (a checkout
+  or a copy of the repository's ``jobs/``).
+* the package: Variable ``hymirec_wheel``, else
   ``/opt/hymirec/dist/hymirec-0.1.0-py3-none-any.whl`` (``make wheel``), shipped with
   ``--py-files`` so drivers and executors import the release the DAG names. Its
   dependencies (torch, transformers, deltalake, mlflow ...) must be in the cluster's
   Python: install them on the nodes, or ship a packed venv with ``spark.archives``.
-* GPU discovery script for the embed/train tasks: Variable ``hymirec_gpu_discovery_script``,
-  else the one Spark ships (``$SPARK_HOME/examples/src/main/scripts/getGpusResources.sh``
-  at ``/opt/spark``).
+* GPU tasks (embed, stage 1, train): Variable ``hymirec_gpu_executors`` (default 4: one
+  executor per GPU, and ``train.num_processes`` is set to the same number, so the barrier
+  stage always has its slots), ``hymirec_gpu_executor_cores`` (default 8: ``spark.executor.cores``
+  and ``spark.task.cpus`` alike, one task per executor with all its cores for the data
+  loader), and the discovery script ``hymirec_gpu_discovery_script``, else the one Spark
+  ships (``$SPARK_HOME/examples/src/main/scripts/getGpusResources.sh`` at ``/opt/spark``).
+  Dynamic allocation is off for them: Spark refuses barrier stages under it (the default
+  on EMR and Dataproc).
+
+Scheduling: this DAG is the scheduler of a spark-submit deployment (YARN, Kubernetes,
+standalone). On Databricks the bundle's job schedule is (``hymirec_databricks_dag.py`` is
+trigger-only, for teams that chain it from other DAGs) — one scheduler per target.
 """
 
 from __future__ import annotations
@@ -50,15 +62,17 @@ STAGES: tuple[tuple[str, str, bool], ...] = (
 )
 STAGE1 = ("train_content_encoder", "train_content_encoder.py", True)
 
-JOBS_DIR = "{{ params.jobs_dir or var.value.get('hymirec_jobs_dir', '/opt/hymirec/jobs') }}"
-WHEEL = (
-    "{{ params.wheel or var.value.get('hymirec_wheel', "
-    "'/opt/hymirec/dist/hymirec-0.1.0-py3-none-any.whl') }}"
-)
+# Deployment settings come from Variables only (see the module docstring), never params.
+JOBS_DIR = "{{ var.value.get('hymirec_jobs_dir', '/opt/hymirec/jobs') }}"
+WHEEL = "{{ var.value.get('hymirec_wheel', '/opt/hymirec/dist/hymirec-0.1.0-py3-none-any.whl') }}"
 GPU_DISCOVERY_SCRIPT = (
     "{{ var.value.get('hymirec_gpu_discovery_script', "
     "'/opt/spark/examples/src/main/scripts/getGpusResources.sh') }}"
 )
+GPU_EXECUTORS = "{{ var.value.get('hymirec_gpu_executors', '4') }}"
+GPU_EXECUTOR_CORES = "{{ var.value.get('hymirec_gpu_executor_cores', '8') }}"
+#: a profile is a name of conf/<name>.yaml in the wheel (comma-separated), never a path
+PROFILE_PATTERN = r"^[A-Za-z0-9_-]+(,[A-Za-z0-9_-]+)*$"
 
 # Settings every stage gets. Python workers are reused so the embedding model and the
 # codebook are loaded once per worker, not once per batch.
@@ -73,16 +87,28 @@ GPU_CONF: dict[str, str] = {
     "spark.executor.resource.gpu.amount": "1",
     "spark.task.resource.gpu.amount": "1",
     "spark.executor.resource.gpu.discoveryScript": GPU_DISCOVERY_SCRIPT,
+    # Barrier stages (TorchDistributor) are refused under dynamic allocation, and need all
+    # their executors up front: a fixed number, one task (all cores) per executor.
+    "spark.dynamicAllocation.enabled": "false",
+    "spark.executor.instances": GPU_EXECUTORS,
+    "spark.executor.cores": GPU_EXECUTOR_CORES,
+    "spark.task.cpus": GPU_EXECUTOR_CORES,
 }
+#: stages that train with TorchDistributor: their process count is the GPU executors'
+DISTRIBUTED = {"train", "train_content_encoder"}
 
 
-def application_args() -> list[str]:
-    """Arguments of every job: profile, the stage-1 switch and Airflow's logical date."""
-    return [
+def application_args(task_id: str = "") -> list[str]:
+    """Arguments of a job: profile, the stage-1 switch and Airflow's logical date (and, for
+    the distributed trainings, one process per GPU executor)."""
+    args = [
         "--profile", "{{ params.profile }}",
         "--set", "stage1.enabled={{ params.stage1 | lower }}",
         "--run-date", "{{ ds }}",
     ]
+    if task_id in DISTRIBUTED:
+        args[4:4] = ["--set", f"train.num_processes={GPU_EXECUTORS}"]
+    return args
 
 
 def spark_stage(task_id: str, job_file: str, gpu: bool, **kwargs: object) -> SparkSubmitOperator:
@@ -91,7 +117,7 @@ def spark_stage(task_id: str, job_file: str, gpu: bool, **kwargs: object) -> Spa
         task_id=task_id,
         conn_id=SPARK_CONN_ID,
         application=f"{JOBS_DIR}/{job_file}",
-        application_args=application_args(),
+        application_args=application_args(task_id),
         py_files=WHEEL,
         conf={**BASE_CONF, **(GPU_CONF if gpu else {})},
         name=f"hymirec-{task_id}-{{{{ ds_nodash }}}}",
@@ -116,14 +142,10 @@ with DAG(
         "max_retry_delay": dt.timedelta(hours=1),
     },
     params={
-        "profile": Param("cluster", type="string",
-                         description="config profile(s), comma-separated: conf/<name>.yaml or YAML paths"),
+        "profile": Param("cluster", type="string", pattern=PROFILE_PATTERN,
+                         description="config profile name(s), comma-separated (conf/<name>.yaml in the wheel)"),
         "stage1": Param(False, type="boolean",
                         description="fine-tune the content encoder (stage 1) before embedding"),
-        "jobs_dir": Param("", type="string",
-                          description="directory of the jobs/*.py files (empty: Variable hymirec_jobs_dir)"),
-        "wheel": Param("", type="string",
-                       description="hymirec wheel shipped with --py-files (empty: Variable hymirec_wheel)"),
     },
     tags=["hymirec", "spark"],
     doc_md=__doc__,

@@ -267,7 +267,7 @@ def test_every_bundle_run_command_in_the_docs_names_a_job_of_the_bundle() -> Non
 # spark-submit command line with the provider's hook, and print it all as JSON.
 DAG_CHECK = textwrap.dedent(
     """
-    import json, sys
+    import copy, json, sys
     from airflow.dag_processing.dagbag import DagBag
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
@@ -276,7 +276,12 @@ DAG_CHECK = textwrap.dedent(
     scenarios = {
         "default": ({}, {}),
         "custom": ({"stage1": True, "profile": "cluster,gpu-tinyllama"},
-                   {"hymirec_jobs_dir": "/srv/hymirec/jobs", "hymirec_wheel": "/srv/hymirec.whl"}),
+                   {"hymirec_jobs_dir": "/srv/hymirec/jobs", "hymirec_wheel": "/srv/hymirec.whl",
+                    "hymirec_gpu_executors": "2", "hymirec_gpu_executor_cores": "16",
+                    "hymirec_databricks_job_name": "[dev me] hymirec"}),
+        # a triggerer passing every param it can think of: none may reach what runs
+        "hostile": ({"profile": "SENTINEL", "jobs_dir": "SENTINEL", "wheel": "SENTINEL", "job_name": "SENTINEL",
+                     "conf": "SENTINEL", "application": "SENTINEL"}, {}),
     }
 
     def render(env, value, ctx):
@@ -291,11 +296,20 @@ DAG_CHECK = textwrap.dedent(
     out = {"import_errors": {str(k): str(v) for k, v in bag.import_errors.items()}, "dags": {}}
     for dag_id, dag in bag.dags.items():
         env = dag.get_template_env()
-        info = {"schedule": str(dag.schedule), "catchup": dag.catchup,
+        rejected = {}
+        if "profile" in dag.params:
+            for value in ("/tmp/evil.yaml", "cluster;rm", "../conf/x", "cluster,gpu-tinyllama"):
+                try:
+                    copy.deepcopy(dag.params.get_param("profile")).resolve(value)
+                    rejected[value] = False
+                except Exception:
+                    rejected[value] = True
+        info = {"schedule": str(dag.schedule), "catchup": dag.catchup, "profile_rejected": rejected,
                 "max_active_runs": dag.max_active_runs, "params": {k: dag.params[k] for k in dag.params},
                 "tasks": {}}
         for task in dag.tasks:
-            t = {"operator": type(task).__name__, "upstream": sorted(task.upstream_task_ids),
+            t = {"operator": type(task).__name__, "deferrable": getattr(task, "deferrable", None),
+                 "upstream": sorted(task.upstream_task_ids),
                  "downstream": sorted(task.downstream_task_ids), "retries": task.retries,
                  "trigger_rule": str(task.trigger_rule.value), "rendered": {}}
             for name, (params, variables) in scenarios.items():
@@ -303,6 +317,8 @@ DAG_CHECK = textwrap.dedent(
                        "params": {**{k: dag.params[k] for k in dag.params}, **params},
                        "var": {"value": variables}}
                 fields = {f: render(env, getattr(task, f), ctx) for f in task.template_fields}
+                guarded = {f: v for f, v in fields.items() if f in ("application", "py_files", "conf", "job_name")}
+                t.setdefault("guarded", {})[name] = guarded
                 if isinstance(task, SparkSubmitOperator):
                     hook = SparkSubmitHook(conf=fields["conf"], conn_id=task._conn_id, py_files=fields["py_files"],
                                            name=fields["name"], application_args=fields["application_args"])
@@ -359,8 +375,24 @@ def test_dagbag_loads_both_dags_without_import_errors(dagbag: dict[str, Any]) ->
     assert dagbag["import_errors"] == {}
     assert set(dagbag["dags"]) == {"hymirec", "hymirec_databricks"}
     for dag in dagbag["dags"].values():
-        assert dag["schedule"] == "@daily"
         assert dag["catchup"] is False and dag["max_active_runs"] == 1
+    # one scheduler per target: spark-submit deployments by this DAG, Databricks by the
+    # bundle's job schedule (the Databricks DAG is trigger-only)
+    assert dagbag["dags"]["hymirec"]["schedule"] == "@daily"
+    assert dagbag["dags"]["hymirec_databricks"]["schedule"] == "None"
+
+
+def test_no_trigger_param_reaches_what_runs(dagbag: dict[str, Any]) -> None:
+    """Before: params jobs_dir and wheel became spark-submit's application and --py-files,
+    so anyone who could trigger the DAG ran any script with the connection's identity."""
+    for dag_id, dag in dagbag["dags"].items():
+        assert set(dag["params"]) <= {"profile", "stage1"}, dag["params"]
+        for task_id, task in dag["tasks"].items():
+            guarded = task.get("guarded", {}).get("hostile", {})
+            assert "SENTINEL" not in json.dumps(guarded), (dag_id, task_id, guarded)
+    # the profile is a name of a shipped profile, never a path or anything else
+    assert dagbag["dags"]["hymirec"]["profile_rejected"] == {
+        "/tmp/evil.yaml": True, "cluster;rm": True, "../conf/x": True, "cluster,gpu-tinyllama": False}
 
 
 def test_spark_dag_chains_one_spark_submit_per_stage(dagbag: dict[str, Any]) -> None:
@@ -379,7 +411,7 @@ def test_spark_dag_chains_one_spark_submit_per_stage(dagbag: dict[str, Any]) -> 
     assert tasks["embed_items"]["trigger_rule"] == "none_failed"
     assert tasks["recommend"]["downstream"] == []
     # The gate skips stage 1 unless the run asks for it.
-    assert tasks["stage1_gate"]["rendered"] == {"default": False, "custom": True}
+    assert tasks["stage1_gate"]["rendered"] == {"default": False, "custom": True, "hostile": False}
 
 
 def _conf(cmd: list[str]) -> dict[str, str]:
@@ -395,21 +427,31 @@ def test_spark_dag_command_lines(dagbag: dict[str, Any], stage: str) -> None:
     assert cmd[cmd.index("--deploy-mode") + 1] == "cluster"
     assert cmd[cmd.index("--py-files") + 1] == "/opt/hymirec/dist/hymirec-0.1.0-py3-none-any.whl"
     assert cmd[cmd.index("--name") + 1] == f"hymirec-{stage}-20260101"
-    assert cmd[-7:] == [f"/opt/hymirec/jobs/{stage}.py", "--profile", "cluster", "--set", "stage1.enabled=false",
-                        "--run-date", "2026-01-01"]
+    distributed = stage in ("train", "train_content_encoder")
+    processes = ["--set", "train.num_processes=4"] if distributed else []  # one process per GPU executor
+    assert cmd[-7 - len(processes):] == [f"/opt/hymirec/jobs/{stage}.py", "--profile", "cluster", "--set",
+                                         "stage1.enabled=false", *processes, "--run-date", "2026-01-01"]
     gpu_keys = {"spark.executor.resource.gpu.amount", "spark.task.resource.gpu.amount",
                 "spark.executor.resource.gpu.discoveryScript"}
     conf = _conf(cmd)
     if STAGES[stage][1]:
         assert conf["spark.executor.resource.gpu.amount"] == "1" and conf["spark.task.resource.gpu.amount"] == "1"
         assert conf["spark.executor.resource.gpu.discoveryScript"].endswith("getGpusResources.sh")
+        # barrier stages: no dynamic allocation (EMR/Dataproc default it on), fixed
+        # executors, one task with all of an executor's cores
+        assert conf["spark.dynamicAllocation.enabled"] == "false"
+        assert conf["spark.executor.instances"] == "4"
+        assert conf["spark.executor.cores"] == conf["spark.task.cpus"] == "8"
     else:
-        assert not gpu_keys & set(conf)
+        assert not (gpu_keys | {"spark.dynamicAllocation.enabled", "spark.task.cpus"}) & set(conf)
     # Per-deployment Variables and per-run params replace the defaults.
     custom = rendered["custom"]
     assert custom[custom.index("--py-files") + 1] == "/srv/hymirec.whl"
-    assert custom[-7:] == [f"/srv/hymirec/jobs/{stage}.py", "--profile", "cluster,gpu-tinyllama", "--set",
-                           "stage1.enabled=true", "--run-date", "2026-01-01"]
+    processes = ["--set", "train.num_processes=2"] if distributed else []
+    assert custom[-7 - len(processes):] == [f"/srv/hymirec/jobs/{stage}.py", "--profile", "cluster,gpu-tinyllama",
+                                            "--set", "stage1.enabled=true", *processes, "--run-date", "2026-01-01"]
+    if STAGES[stage][1]:
+        assert _conf(custom)["spark.executor.instances"] == "2" and _conf(custom)["spark.task.cpus"] == "16"
 
 
 def test_databricks_dag_runs_the_bundle_job_with_the_logical_date(dagbag: dict[str, Any]) -> None:
@@ -417,6 +459,8 @@ def test_databricks_dag_runs_the_bundle_job_with_the_logical_date(dagbag: dict[s
     (task,) = dag["tasks"].values()
     assert task["operator"] == "DatabricksRunNowOperator"
     assert task["retries"] == 2
+    assert task["deferrable"] is True  # waits in the triggerer, not in a worker slot for hours
     rendered = task["rendered"]["default"]
     assert rendered["job_name"] == "hymirec"
     assert rendered["job_parameters"] == {"run_date": "2026-01-01"}
+    assert task["rendered"]["custom"]["job_name"] == "[dev me] hymirec"  # the deployment's Variable

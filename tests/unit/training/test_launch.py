@@ -35,3 +35,22 @@ def test_check_names_both_numbers_and_the_setting(spark) -> None:
                        match=rf"train\.num_processes={cores + 3} but the session has {cores} concurrent task slots"):
         check_slots(spark, too_many)
     check_slots(spark, dataclasses.replace(too_many, local_mode=True))  # on the driver: fine on CPU
+
+
+@pytest.mark.spark
+def test_gpu_settings_on_a_session_without_gpu_slots_fall_back_to_cpu_for_baselines(spark) -> None:
+    """evaluate (CPU cluster) trains its baselines with train.use_gpu=true: before, the
+    barrier stage was refused (no spark.task.resource.gpu.amount); now they train on CPUs,
+    with no more processes than the session's task slots, and the summary says so."""
+    from hymirec_udfs.training.launch import fit_to_session
+
+    cores = spark.sparkContext.defaultParallelism
+    gpu = dataclasses.replace(TrainConfig(), use_gpu=True, local_mode=False, num_processes=cores + 2)
+    with pytest.raises(NotEnoughSlotsError, match="0 concurrent GPU task slots.*set spark.task.resource.gpu.amount"):
+        check_slots(spark, gpu)  # the train stage itself never falls back
+    fitted, note = fit_to_session(spark, gpu)
+    assert (fitted.use_gpu, fitted.num_processes, fitted.local_mode) == (False, cores, False)
+    assert note.startswith("this session has no GPU task slots: trained on CPUs with")
+    check_slots(spark, fitted)
+    cpu = dataclasses.replace(TrainConfig(), use_gpu=False)
+    assert fit_to_session(spark, cpu) == (cpu, "")

@@ -171,6 +171,12 @@ class TableStore(ABC):
     def files(self, name: str, version: Optional[int] = None) -> list[str]:
         """Data files (URIs) of the snapshot; trainers shard these between ranks."""
 
+    def rank_files(self, name: str, version: int) -> list[str]:
+        """Parquet files holding ``name`` at ``version`` that processes outside Spark
+        (training ranks) can open with plain file I/O: the table's own files here; a
+        staged copy for catalog tables (see :class:`SparkDeltaStore`)."""
+        return self.files(name, version)
+
     def read_or_empty(self, name: str) -> "DataFrame":
         """``read(name)``, or an empty DataFrame with the declared schema."""
         if self.exists(name):
@@ -437,6 +443,27 @@ class SparkDeltaStore(TableStore):
                     f"directly. Run `REORG TABLE delta.`{self.location(name)}` APPLY (PURGE)` (or rewrite it) first")
         return found
 
+    def rank_files(self, name: str, version: int) -> list[str]:
+        """For a catalog table (``catalog.schema.name``, Unity Catalog's managed tables) a
+        copy of ``version`` written by Spark as Parquet under
+        ``<local_dir>/staged/<name>-v<version>`` (once per version; reused until the table
+        changes): ranks cannot open a managed table's cloud files (UC vends credentials
+        to Spark, not to processes), and ``local_dir`` is a Volume every node mounts.
+        Path tables hand their own files over, as the base class does.
+
+        Cost at 10M users: one Spark write of the table (~the table's size), once per
+        ``sequences`` version.
+        """
+        if not self.use_catalog:
+            return self.files(name, version)
+        target = self.cfg.work_dir / "staged" / f"{name}-v{version}"
+        if not (target / "_SUCCESS").exists():
+            self.read(name, version).write.mode("overwrite").parquet(uri.for_spark(str(target)))
+        found = sorted(str(p) for p in target.glob("*.parquet"))
+        if not found:
+            raise RuntimeError(f"staging table '{self.location(name)}' v{version} to {target} wrote no Parquet file")
+        return found
+
     def _write(self, name: str, df: "DataFrame", mode: str) -> int:
         writer = df.write.format("delta").mode(mode)
         if not self.exists(name):
@@ -458,9 +485,15 @@ class SparkDeltaStore(TableStore):
         would accept nulls in required columns."""
         from delta.tables import DeltaTable
 
-        builder = DeltaTable.createIfNotExists(self.spark)
-        builder = builder.tableName(self.location(name)) if self.use_catalog else builder.location(self.location(name))
-        builder.addColumns(schemas.spark_schema(name)).execute()
+        if self.use_catalog:
+            # SQL, not DeltaTableBuilder.tableName: open-source Delta's builder parses a
+            # two-part identifier only and refuses catalog.schema.name.
+            columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}{'' if f.nullable else ' NOT NULL'}"
+                                for f in schemas.spark_schema(name).fields)
+            self.spark.sql(f"CREATE TABLE IF NOT EXISTS {self.location(name)} ({columns}) USING DELTA")
+            return
+        DeltaTable.createIfNotExists(self.spark).location(self.location(name)) \
+            .addColumns(schemas.spark_schema(name)).execute()
 
     def _merge(self, name: str, df: "DataFrame", keys: Sequence[str]) -> int:
         condition = " AND ".join(f"t.{k} = s.{k}" for k in keys)

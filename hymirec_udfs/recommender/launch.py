@@ -70,7 +70,8 @@ def run_training(
         epochs: override ``train.epochs`` (0: keep it).
     """
     require_training_samples(ctx)
-    files = ctx.store.files(schemas.SEQUENCES, ctx.input_versions[schemas.SEQUENCES])
+    # ranks open these with plain file I/O (a staged copy for Unity Catalog managed tables)
+    files = ctx.store.rank_files(schemas.SEQUENCES, ctx.input_versions[schemas.SEQUENCES])
     model_type = ModelType(model_type).value  # a plain str: it is pickled into checkpoints
     store = item_store
 

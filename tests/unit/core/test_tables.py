@@ -211,3 +211,31 @@ def test_deletion_vectors_are_read_by_spark_and_refused_for_raw_file_readers(spa
     assert sorted(r.item_id for r in store.read("items").collect()) == ["1", "3"]
     with pytest.raises(RuntimeError, match="deletion vectors.*REORG TABLE"):
         store.files("items")
+
+
+@pytest.mark.skipif(TEST_ENGINE != "spark", reason="needs Spark Delta in the JVM (child run of test_spark_engine)")
+def test_catalog_tables_hand_ranks_a_staged_copy_per_version(spark, make_cfg) -> None:
+    """A catalog (Unity Catalog) table's own files are cloud paths ranks cannot open:
+    rank_files stages the version as Parquet under local_dir, once per version."""
+    import pyarrow.parquet as pq
+
+    from hymirec_udfs.core.tables import SparkDeltaStore
+
+    spark.sql("CREATE SCHEMA IF NOT EXISTS spark_catalog.hymirec_rank_files")
+    cfg = make_cfg("storage.catalog=spark_catalog", "storage.schema=hymirec_rank_files")
+    store = SparkDeltaStore(spark, cfg)
+    try:
+        first = store.overwrite("items", _items(spark, [("1", "a"), ("2", "b")]))
+        files = store.rank_files("items", first)
+        assert files and all(f.startswith(str(cfg.work_dir / "staged" / f"items-v{first}")) for f in files)
+        assert sorted(r for f in files for r in pq.read_table(f).column("item_id").to_pylist()) == ["1", "2"]
+        assert store.rank_files("items", first) == files  # reused, not rewritten
+        second = store.merge("items", _items(spark, [("3", "c")]))
+        staged = store.rank_files("items", second)
+        assert sorted(r for f in staged for r in pq.read_table(f).column("item_id").to_pylist()) == ["1", "2", "3"]
+        # a path table hands over its own files
+        path_store = SparkDeltaStore(spark, make_cfg())
+        version = path_store.overwrite("items", _items(spark, [("9", "z")]))
+        assert path_store.rank_files("items", version) == path_store.files("items", version)
+    finally:
+        spark.sql("DROP SCHEMA IF EXISTS spark_catalog.hymirec_rank_files CASCADE")

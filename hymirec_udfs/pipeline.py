@@ -45,12 +45,13 @@ STAGES: dict[str, StageSpec] = {
             "train_content_encoder", "hymirec_udfs.content_encoder.stage:run",
             (schemas.ITEMS, schemas.INTERACTIONS), (), ("embed", "stage1"), "train-content-encoder",
             fingerprint="hymirec_udfs.content_encoder.stage:split_fingerprint", enabled="stage1.enabled",
-            gpu=True,
+            gpu=True, preflight="hymirec_udfs.embedding.stage:preflight",
         ),
         StageSpec(
             "embed_items", "hymirec_udfs.embedding.stage:run", (schemas.ITEMS,),
             (schemas.ITEM_EMBEDDINGS,), ("embed",), "embed",
             fingerprint="hymirec_udfs.embedding.stage:encoder_fingerprint", gpu=True,
+            preflight="hymirec_udfs.embedding.stage:preflight",
         ),
         StageSpec(
             "fit_codebook", "hymirec_udfs.codebook.stage:run_fit", (schemas.ITEM_EMBEDDINGS,),
@@ -79,6 +80,7 @@ STAGES: dict[str, StageSpec] = {
             "recommend", "hymirec_udfs.recommend.stage:run", (schemas.SEQUENCES, schemas.ITEM_EMBEDDINGS),
             (schemas.USER_INTERESTS, schemas.RECOMMENDATIONS), ("embed", "recommend"), "recommend",
             fingerprint="hymirec_udfs.recommend.stage:as_of_fingerprint",
+            preflight="hymirec_udfs.recommend.stage:preflight",
         ),
     ]
 }
@@ -166,6 +168,7 @@ def run_stage(
             logger.tags({"hymirec.config_hash": config_hash})
             # The Spark UI (and its REST API) groups this stage's jobs under its name.
             spark.sparkContext.setJobGroup(f"hymirec:{spec.name}", f"hymirec {spec.name} (run {run_id})")
+            spec.check_requirements(cfg)  # a missing optional package fails here, before Spark work
             ctx.progress = SparkProgress(spark, spec.name, cfg.tracking.progress_every_s).start()
             try:
                 out = spec.function()(spark, cfg, ctx)

@@ -200,11 +200,13 @@ def spark_submit(master: str, args: list[str], env: dict[str, str], packages: li
 REPO = Path(__file__).resolve().parents[1]
 
 
-def child_pytest(test_file: Path, env: dict[str, str], timeout: float = 1500) -> subprocess.CompletedProcess:
+def child_pytest(test_file: Path, env: dict[str, str], timeout: float = 1500,
+                 python: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run ``test_file`` in a child pytest (its own JVM and Spark session) with ``env``
-    added to this environment; the suites of the table layer run so per engine/storage."""
+    added to this environment; the suites of the table layer run so per engine/storage,
+    and the smoke test in another venv (``python``) with the oldest admitted MLflow."""
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra", str(test_file)],
+        [python or sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra", str(test_file)],
         cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
 
 

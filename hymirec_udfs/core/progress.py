@@ -96,7 +96,9 @@ class SparkProgress(_Poller):
         else:
             info = max(infos, key=lambda i: i.numTasks)  # the stage doing the bulk of the work
             frac = info.numCompletedTasks / info.numTasks
-            line = (f"{self.stage}: Spark stage {info.stageId} '{info.name.split(' at ')[0]}' "
+            call = info.name.split(" at ")[0]
+            call = "" if call.startswith("$") else f" '{call}'"  # Spark's name for a lambda says nothing
+            line = (f"{self.stage}: Spark stage {info.stageId}{call} "
                     f"{info.numCompletedTasks}/{info.numTasks} tasks ({info.numActiveTasks} running), "
                     f"{_duration(elapsed)} elapsed")
             if frac > 0:

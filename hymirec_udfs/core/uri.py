@@ -95,12 +95,17 @@ def local_path(location: str, setting: str) -> Path:
 
 
 def for_spark(location: str) -> str:
-    """How Spark (Hadoop) spells ``location``: ``s3://`` and ``s3n://`` become ``s3a://``."""
+    """How Spark (Hadoop) spells ``location``: ``s3://`` and ``s3n://`` become ``s3a://``;
+    a DBFS FUSE path ``/dbfs/x`` becomes ``dbfs:/x`` (Databricks' Spark reads a bare
+    ``/dbfs/x`` as ``dbfs:/dbfs/x``, where nothing is); ``/Volumes/...`` stays as it is."""
     kind = scheme(location)
     if kind in ("s3", "s3n"):
         return "s3a" + location[len(kind):]
     if kind == "file" or not kind:
-        return normalize(location)
+        path = normalize(location)
+        if path == "/dbfs" or path.startswith("/dbfs/"):
+            return "dbfs:/" + path[len("/dbfs/"):]
+        return path
     return location
 
 

@@ -33,6 +33,11 @@ def test_each_engine_gets_its_spelling() -> None:
     assert uri.for_arrow("s3a://b/t") == "s3://b/t"
     assert uri.for_arrow("dbfs:/mnt/t") == "/dbfs/mnt/t"
     assert uri.for_spark("gs://b/t") == uri.for_arrow("gs://b/t") == "gs://b/t"
+    # Databricks: Spark read a bare /dbfs/x as dbfs:/dbfs/x (stage 1's staging went there);
+    # Volumes paths are read as they are
+    assert uri.for_spark("/dbfs/tmp/hymirec/stage1") == "dbfs:/tmp/hymirec/stage1"
+    assert uri.for_arrow(uri.for_spark("/dbfs/tmp/x")) == "/dbfs/tmp/x"
+    assert uri.for_spark("/Volumes/main/hymirec/hymirec/work") == "/Volumes/main/hymirec/hymirec/work"
 
 
 def test_unknown_scheme_is_refused_naming_the_setting() -> None:

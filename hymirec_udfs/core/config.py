@@ -326,7 +326,12 @@ class ModelConfig:
         llm_heads: LLM attention heads.
         llm_kv_heads: LLM key/value heads.
         llm_intermediate: LLM MLP width.
-        dropout: dropout in the lightweight recommender.
+        dropout: dropout in the lightweight recommender (and SASRec).
+        sasrec_max_len: items SASRec reads (its usual setting is 50): the tail of the long
+            history followed by the recent window; 0 reads the recent window only.
+        full_softmax_max_items: SASRec trains with a softmax over the whole catalog up to
+            this many items; past it, sampled softmax (``sampled_negatives``).
+        sampled_negatives: uniform negatives per batch of SASRec's sampled softmax.
         item_adapter: trainable item side used for ranking (:class:`~hymirec_udfs.core.choices.ItemAdapter`):
             ``none`` (frozen content embeddings), ``mlp`` or ``mlp_id``.
     """
@@ -346,6 +351,9 @@ class ModelConfig:
     llm_kv_heads: int = 4
     llm_intermediate: int = 256
     dropout: float = 0.1
+    sasrec_max_len: int = 0
+    full_softmax_max_items: int = 200_000
+    sampled_negatives: int = 8192
     item_adapter: str = "none"
 
 

@@ -379,6 +379,54 @@ def test_sasrec_shape_scores_and_loss_alignment() -> None:
     torch.testing.assert_close(model_loss(model, batch, DmilConfig())[0], expected)
 
 
+def test_sasrec_max_len_reads_the_long_tail_then_the_window() -> None:
+    """model.sasrec_max_len=50 (SASRec's usual length) reads the last 50 of long + recent;
+    0 keeps the recent window only (the demo's setting)."""
+    import dataclasses
+
+    model = _build("sasrec", dataclasses.replace(TINY, sasrec_max_len=5))
+    seq = model.sequence(LONG, RECENT)
+    assert seq.tolist() == [[5, 6, 0, 7, 8], [5, 6, 9, 10, 11], [0, 0, 0, 0, 12]]
+    torch.testing.assert_close(model(LONG, RECENT), model.encode(seq)[:, -1:])
+    # the loss predicts along the whole sequence read: 6 after 5 ... the next after 11
+    nxt = torch.tensor([21, 22, 23])
+    torch.testing.assert_close(model(LONG, RECENT, nxt), model.next_item_loss(seq, nxt))
+    window_only = _build("sasrec")
+    assert torch.equal(window_only.sequence(LONG, RECENT), RECENT)
+
+
+def test_sasrec_samples_its_softmax_past_the_catalog_threshold() -> None:
+    """Above model.full_softmax_max_items the loss is the target against K shared uniform
+    negatives (P x (1 + K) logits, never P x N), computed as stated; below it, unchanged."""
+    import dataclasses
+
+    full = _build("sasrec", dataclasses.replace(TINY, full_softmax_max_items=N_ITEMS, sampled_negatives=6))
+    sampled = _build("sasrec", dataclasses.replace(TINY, full_softmax_max_items=N_ITEMS - 1, sampled_negatives=6))
+    recent, nxt = torch.tensor([[0, 7, 8]]), torch.tensor([21])
+    hidden = full.encode(recent)
+    logits = hidden[0, [1, 2]] @ full.item_emb.weight.T
+    logits[:, 0] = -float("inf")
+    torch.testing.assert_close(full(None, recent, nxt), F.cross_entropy(logits, torch.tensor([8, 21])))
+
+    h, y = sampled.encode(recent)[0, [1, 2]], torch.tensor([8, 21])
+    gen = torch.Generator().manual_seed(3)
+    neg = torch.randint(1, N_ITEMS + 1, (6,), generator=torch.Generator().manual_seed(3))
+    w = sampled.item_emb.weight
+    by_hand = torch.cat([(h * w[y]).sum(-1, keepdim=True), h @ w[neg].T], 1)
+    by_hand = by_hand.masked_fill(torch.cat([torch.zeros(2, 1, dtype=torch.bool), neg[None] == y[:, None]], 1),
+                                  -float("inf"))
+    torch.testing.assert_close(sampled.sampled_loss(h, y, 6, generator=gen),
+                               F.cross_entropy(by_hand, torch.zeros(2, dtype=torch.long)))
+    # the model's own loss takes the sampled path: finite, and only sampled rows, the
+    # targets and the sequence's items get gradients (no catalog-wide logits)
+    sampled.train()
+    torch.manual_seed(0)
+    loss = sampled(None, recent, nxt)
+    loss.backward()
+    touched = (sampled.item_emb.weight.grad.abs().sum(1) > 0).sum().item()
+    assert torch.isfinite(loss) and touched <= 6 + 2 + 2, touched
+
+
 def test_score_against_is_max_over_interests() -> None:
     users = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     items = torch.tensor([[0.0, 0.0], [0.6, 0.8], [-1.0, 0.0], [0.9, -0.1]])

@@ -166,9 +166,17 @@ def run_one(spark: Any, profiles: list[str], sets: list[str], model: str, seed: 
                 " OR ".join(f"run_id = '{r}'" for r in run_ids)).select("user_id", "target_id", "rank").collect())
     if not rows:
         raise RuntimeError(f"no test rows of {model} (train runs {run_ids}) in eval_per_user")
+    valid = (store.read(schemas.EVAL_PER_USER, version=evaluated.output_versions[schemas.EVAL_PER_USER])
+             .where(f"model = '{model}' AND split = 'valid'").where(
+                 " OR ".join(f"run_id = '{r}'" for r in run_ids)).select("rank").collect())
+    valid_hit, valid_ndcg = metrics_from_ranks([int(r.rank) for r in valid])
     result = {
         "model": model, "seed": seed, "user_ids": [r.user_id for r in rows], "target_ids": [r.target_id for r in rows],
-        "ranks": [int(r.rank) for r in rows], "epochs": trained.summary.get("epochs"),
+        "ranks": [int(r.rank) for r in rows],
+        # what settings are chosen on (never the test split)
+        "valid_r10": float(valid_hit.mean()) if len(valid) else None,
+        "valid_n10": float(valid_ndcg.mean()) if len(valid) else None,
+        "epochs": trained.summary.get("epochs"),
         "stop_reason": trained.summary.get("stop_reason"), "best_epoch": trained.summary.get("best_epoch"),
         "wall_s": round(time.perf_counter() - t0, 1),
     }

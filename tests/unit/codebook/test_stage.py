@@ -127,6 +127,12 @@ def test_item_codes_keep_every_codebook_version_and_stores_read_the_latest(spark
     ctx = StageContext(spark, cfg, store, "t", RunLogger(None), "train")
     first, _, _ = latest_codebook(ctx)
     old_codes = {r.item_id: list(r.codes) for r in store.read(schemas.ITEM_CODES).collect()}
+    # a model was trained on the first version (registry off: job_runs says so), so a
+    # refit's pruning keeps its codes
+    from hymirec_udfs.core.lineage import JobRun, record_job_run
+
+    record_job_run(store, spark, cfg, JobRun("train", "r", "success", "h", {}, {}, {}, {"codebook_version": first},
+                                             1.0), NOW, None)
 
     refit = cb_cfg("codebook.ks=[4, 4]")  # another codebook: a new version
     run_stage(spark, refit, "fit-codebook")

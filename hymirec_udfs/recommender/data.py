@@ -122,6 +122,9 @@ class SequenceDataset:
         window_targets: next training items used as targets of a training cut.
         stride: distance between training cut points.
         max_samples_per_user: cap on training cuts per user (0: no cap).
+        cuts_per_epoch: k > 0: each epoch trains on k cuts per user drawn from all its
+            cuts (after the cap) by :meth:`select_epoch`, deterministic by (seed, epoch,
+            rank); 0: every cut every epoch.
         rank: this rank.
         world_size: number of ranks.
         with_exclude: also collate ``exclude_idx`` (the distinct history; evaluation).
@@ -141,6 +144,7 @@ class SequenceDataset:
         rank: int = 0,
         world_size: int = 1,
         with_exclude: bool = False,
+        cuts_per_epoch: int = 0,
     ) -> None:
         import pyarrow as pa
 
@@ -178,11 +182,37 @@ class SequenceDataset:
                 owner.append(u), cut.append(int(train_end[u])), end.append(int(train_end[u]) + 1)
             if "test" in wanted and length[u] > valid_end[u]:
                 owner.append(u), cut.append(int(valid_end[u])), end.append(int(valid_end[u]) + 1)
-        self.owner = np.asarray(owner, dtype=np.int64)
-        self.cut = np.asarray(cut, dtype=np.int64)
-        self.target_end = np.asarray(end, dtype=np.int64)
-        self.user_ids = users[self.owner] if len(self.owner) else np.zeros(0, dtype=object)
+        self._users = users
+        self.rank = rank
+        self.cuts_per_epoch = max(0, int(cuts_per_epoch)) if split == "train" else 0
+        self._all = (np.asarray(owner, dtype=np.int64), np.asarray(cut, dtype=np.int64),
+                     np.asarray(end, dtype=np.int64))
+        self._use(np.arange(len(self._all[0])))
         self.max_targets = int((self.target_end - self.cut).max()) if len(self) else 0
+        if self.cuts_per_epoch:
+            self.select_epoch(0, 0)
+
+    def _use(self, rows: np.ndarray) -> None:
+        self.owner, self.cut, self.target_end = (a[rows] for a in self._all)
+        self.user_ids = self._users[self.owner] if len(self.owner) else np.zeros(0, dtype=object)
+
+    def select_epoch(self, epoch: int, seed: int) -> None:
+        """With ``cuts_per_epoch`` = k: the samples of ``epoch`` are k cuts per user (all
+        of a user's cuts when it has fewer), drawn uniformly without replacement by a
+        generator seeded with (seed, epoch, rank), in user then cut order. The number of
+        samples is the same every epoch, so steps per epoch and resumption are unchanged.
+        A no-op without k. Cost: one sort of the rank's candidate cuts."""
+        if not self.cuts_per_epoch:
+            return
+        owner = self._all[0]
+        if not len(owner):
+            return
+        keys = np.random.default_rng([seed, epoch, self.rank, 0x5EED]).random(len(owner))
+        order = np.lexsort((keys, owner))  # by user, then by the random key
+        sorted_owner = owner[order]
+        starts = np.flatnonzero(np.r_[True, sorted_owner[1:] != sorted_owner[:-1]])
+        rank_in_user = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        self._use(np.sort(order[rank_in_user < self.cuts_per_epoch]))
 
     @property
     def long_lengths(self) -> np.ndarray:

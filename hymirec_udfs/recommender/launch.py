@@ -92,7 +92,7 @@ def run_training(
         item_store_path=store_path, train_files=files, valid_files=files, checkpoint_dir=str(run_dir),
         metrics_path=metrics_path, max_long=cfg.sequences.max_long, recent_window=cfg.sequences.recent_window,
         window_targets=cfg.sequences.window_targets, stride=cfg.sequences.stride,
-        max_samples_per_user=cfg.sequences.max_samples_per_user,
+        max_samples_per_user=cfg.sequences.max_samples_per_user, cuts_per_epoch=cfg.sequences.cuts_per_epoch,
         chunk_items=cfg.evaluate.chunk_items, bucket_batches=cfg.train.bucket_batches,
         init_checkpoint=init_checkpoint or None,
     )

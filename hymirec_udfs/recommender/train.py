@@ -235,6 +235,7 @@ def train(
     chunk_items: int = 65536,
     bucket_batches: int = 50,
     init_checkpoint: Optional[str] = None,
+    cuts_per_epoch: int = SequencesConfig.cuts_per_epoch,
 ) -> dict[str, Any]:
     """Train a stage-2 model (one TorchDistributor process; rank from the environment).
 
@@ -261,6 +262,7 @@ def train(
         window_targets: next items used as targets of a training cut.
         stride: distance between training cut points.
         max_samples_per_user: cap on training cuts per user (0: none).
+        cuts_per_epoch: k cuts per user drawn afresh each epoch (0: every cut every epoch).
         chunk_items: catalog items per validation scoring matmul.
         bucket_batches: length-bucketing window in batches (see :func:`epoch_batches`);
             0 or 1 gives plain shuffled batches.
@@ -301,7 +303,7 @@ def train(
             checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, max_long=max_long,
             recent_window=recent_window, window_targets=window_targets, stride=stride,
             max_samples_per_user=max_samples_per_user, chunk_items=chunk_items, bucket_batches=bucket_batches,
-            rank=rank, world=world, device=device, init_checkpoint=init_checkpoint,
+            rank=rank, world=world, device=device, init_checkpoint=init_checkpoint, cuts_per_epoch=cuts_per_epoch,
         )
 
 
@@ -327,6 +329,7 @@ def _train_loop(
     world: int,
     device: torch.device,
     init_checkpoint: Optional[str] = None,
+    cuts_per_epoch: int = 0,
 ) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -349,7 +352,8 @@ def _train_loop(
 
     train_ds = SequenceDataset(train_files, store, split="train", max_long=max_long, recent_window=recent_window,
                                window_targets=window_targets, stride=stride,
-                               max_samples_per_user=max_samples_per_user, rank=rank, world_size=world)
+                               max_samples_per_user=max_samples_per_user, rank=rank, world_size=world,
+                               cuts_per_epoch=cuts_per_epoch)
     n_local = torch.tensor([len(train_ds), len(train_ds)], dtype=torch.long, device=device)
     n_min = all_reduce_(n_local[:1].clone(), dist.ReduceOp.MIN if distributed else None)
     n_total = all_reduce_(n_local[1:].clone())
@@ -478,6 +482,7 @@ def _train_loop(
         return bool(train_cfg.max_steps) and state.step >= train_cfg.max_steps
 
     while not state.done and state.epoch < train_cfg.epochs and not reached_max_steps():
+        train_ds.select_epoch(state.epoch, seed)  # k sampled cuts per user (no-op without k)
         batches = epoch_batches(train_ds.long_lengths, bsz, np.random.default_rng([seed, state.epoch, rank]),
                                 bucket_batches)
         stopped_mid_epoch = False

@@ -171,6 +171,52 @@ def test_dataset_samples_equal_the_sequences_cutting(tmp_path) -> None:
             assert ds.user_ids[i] == sample["user_id"] and ds.cut[i] == sample["cut"]
 
 
+def test_k_sampled_cuts_per_user_per_epoch(tmp_path) -> None:
+    """sequences.cuts_per_epoch=k: k cuts per user per epoch, drawn from all its cuts,
+    the same for the same (seed, epoch, rank), different across epochs, and every cut is
+    reached over epochs; the sample count (so steps per epoch) never changes."""
+    store = make_store()
+    rows = [_row("a", [f"m{i}" for i in range(1, 12)], 11, 11),   # 10 cuts
+            _row("b", ["m0", "m3", "m4"], 3, 3),                 # 2 cuts: fewer than k
+            _row("c", [f"m{i}" for i in range(2, 9)], 7, 7)]     # 6 cuts
+    path = write_parts(tmp_path, rows, 1)
+    every = SequenceDataset(path, store, split="train", max_long=3, recent_window=2)
+    assert len(every) == 10 + 2 + 6
+    ds = SequenceDataset(path, store, split="train", max_long=3, recent_window=2, cuts_per_epoch=3)
+    seen: dict[str, set[int]] = {"a": set(), "b": set(), "c": set()}
+    picks = []
+    for epoch in range(30):
+        ds.select_epoch(epoch, seed=5)
+        assert len(ds) == 3 + 2 + 3
+        per_user = {u: sorted(int(c) for c, o in zip(ds.cut, ds.user_ids) if o == u) for u in seen}
+        assert [len(v) for v in per_user.values()] == [3, 2, 3] and per_user["b"] == [1, 2]
+        for u, cuts in per_user.items():
+            seen[u].update(cuts)
+        picks.append(per_user)
+        # a sample is still the cut it names (collate slices the same history)
+        batch = ds.collate(np.arange(len(ds)))
+        assert batch.user_ids == list(ds.user_ids)
+    assert picks[0] != picks[1]
+    assert seen == {u: {int(c) for c, o in zip(every.cut, every.user_ids) if o == u} for u in seen}
+    again = SequenceDataset(path, store, split="train", max_long=3, recent_window=2, cuts_per_epoch=3)
+    again.select_epoch(7, seed=5)
+    assert again.cut.tolist() == [c for p in [picks[7]] for u in ("a", "b", "c") for c in p[u]]
+    other_rank = SequenceDataset(path, store, split="train", max_long=3, recent_window=2, cuts_per_epoch=3, rank=0)
+    other_rank.select_epoch(7, seed=6)
+    assert other_rank.cut.tolist() != again.cut.tolist()  # another seed, other cuts
+
+
+def test_training_with_k_cuts_per_epoch_is_deterministic_and_smaller(toy, tmp_path) -> None:
+    first = run_train(toy, tmp_path / "k1", cuts_per_epoch=1)
+    second = run_train(toy, tmp_path / "k2", cuts_per_epoch=1)
+    assert first["train_samples"] == second["train_samples"]
+    a = torch.load(first["last_checkpoint"], weights_only=False)["model_state"]
+    b = torch.load(second["last_checkpoint"], weights_only=False)["model_state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic by seed
+    full = run_train(toy, tmp_path / "all")
+    assert first["train_samples"] < full["train_samples"]
+
+
 def test_dataset_unknown_item_names_user_and_id(tmp_path) -> None:
     path = write_parts(tmp_path, [_row("u1", ["m1", "m2", "ghost-7"], 3, 3)], 1)
     with pytest.raises(KeyError, match=r"item_ids.*u1.*ghost-7"):

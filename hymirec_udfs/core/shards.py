@@ -10,7 +10,7 @@ stage 2's loader, and by stage 1's window writer and loader. numpy only at impor
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -52,25 +52,26 @@ def rank_shard_range(rank: int, world_size: int) -> tuple[int, int]:
     return rank * USER_SHARDS // world_size, (rank + 1) * USER_SHARDS // world_size
 
 
-def read_rank_share(
+def iter_rank_share(
     files: Sequence[str],
     columns: Sequence[str],
     *,
     rank: int,
     world_size: int,
     user_col: str,
-    sort_by: Sequence[str],
     row_filter: Optional[Callable[[Any, str], Any]] = None,
     filter_columns: Sequence[str] = (),
-) -> Any:
-    """This rank's rows of a set of Parquet files, in an order fixed by the data alone.
+    batch_rows: int = 65_536,
+) -> Iterator[Any]:
+    """This rank's rows of a set of Parquet files, streamed: one ``pyarrow.Table`` of at
+    most ``batch_rows`` rows at a time (in file order; callers that need the data-fixed
+    order sort what they keep, see :func:`read_rank_share`).
 
     A row belongs to the rank whose shard range holds its user's shard (the file's
-    ``shard`` column, or the hash of ``user_col`` where the file has none), and the rows
-    are sorted by ``sort_by``: the result is the same whatever files Spark wrote and
-    whatever order the rows came out in. Row groups whose ``shard`` statistics lie outside
-    the rank's range are not read, so writers that sort by shard (``build_sequences``)
-    give each rank about 1/W of the bytes to read; the rest costs one footer per file.
+    ``shard`` column, or the hash of ``user_col`` where the file has none). Row groups
+    whose ``shard`` statistics lie outside the rank's range are not read, so writers that
+    sort by shard (``build_sequences``) give each rank about 1/W of the bytes to read; the
+    rest costs one footer per file. Memory: one batch of the raw columns at a time.
 
     Args:
         files: Parquet files.
@@ -78,26 +79,21 @@ def read_rank_share(
         rank: this rank.
         world_size: number of ranks.
         user_col: the user id column.
-        sort_by: columns giving the row order (ascending), e.g. user id then cut.
-        row_filter: optional ``(table, path) -> boolean mask`` applied per file before
+        row_filter: optional ``(table, path) -> boolean mask`` applied per batch before
             sharding (e.g. the split).
         filter_columns: columns ``row_filter`` reads, where the file has them.
-
-    Returns:
-        A ``pyarrow.Table`` with ``columns`` (empty when the rank has no rows).
+        batch_rows: rows per batch read.
 
     Raises:
-        ValueError: no files, or a file lacks a column (named with the file).
+        ValueError: a file lacks a column (named with the file).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    lo, hi = rank_shard_range(rank, world_size)
-    wanted = list(dict.fromkeys([user_col, *columns, *sort_by]))
-    parts = []
-    empty = None
     from hymirec_udfs.core.uri import open_input
 
+    lo, hi = rank_shard_range(rank, world_size)
+    wanted = list(dict.fromkeys([user_col, *columns]))
     for path in files:
         handle = pq.ParquetFile(open_input(path))
         names = handle.schema_arrow.names
@@ -114,22 +110,55 @@ def read_rank_share(
                 if stats is None or not stats.has_min_max or (stats.max >= lo and stats.min < hi):
                     keep.append(g)
             groups = keep
-        if empty is None:
-            empty = handle.schema_arrow.empty_table().select(wanted)
         if not groups:
             continue
         extra = [c for c in (*filter_columns, *([SHARD_COLUMN] if has_shard else [])) if c in names]
         read = list(dict.fromkeys(wanted + extra))
-        table = handle.read_row_groups(groups, columns=read)
-        if row_filter is not None:
-            table = table.filter(row_filter(table, path))
-        shard = (np.asarray(table.column(SHARD_COLUMN)) if has_shard
-                 else user_shards(table.column(user_col)))
-        mask = (shard >= lo) & (shard < hi)
-        parts.append(table.select(wanted).filter(pa.array(mask)))
+        for batch in handle.iter_batches(batch_size=batch_rows, row_groups=groups, columns=read):
+            table = pa.Table.from_batches([batch])
+            if row_filter is not None:
+                table = table.filter(row_filter(table, path))
+            shard = (np.asarray(table.column(SHARD_COLUMN)) if has_shard
+                     else user_shards(table.column(user_col)))
+            mask = (shard >= lo) & (shard < hi)
+            if mask.any():
+                yield table.select(wanted).filter(pa.array(mask))
+
+
+def read_rank_share(
+    files: Sequence[str],
+    columns: Sequence[str],
+    *,
+    rank: int,
+    world_size: int,
+    user_col: str,
+    sort_by: Sequence[str],
+    row_filter: Optional[Callable[[Any, str], Any]] = None,
+    filter_columns: Sequence[str] = (),
+) -> Any:
+    """This rank's rows of a set of Parquet files (:func:`iter_rank_share`), in an order
+    fixed by the data alone: sorted by ``sort_by``, so the result is the same whatever
+    files Spark wrote and whatever order the rows came out in. Holds the whole share; the
+    stage-2 loader streams instead (:class:`hymirec_udfs.recommender.data.SequenceDataset`).
+
+    Returns:
+        A ``pyarrow.Table`` with ``columns`` (empty when the rank has no rows).
+
+    Raises:
+        ValueError: no files, or a file lacks a column (named with the file).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hymirec_udfs.core.uri import open_input
+
+    if not files:
+        raise ValueError("no files to read: the table has no data files")
+    wanted = list(dict.fromkeys([user_col, *columns, *sort_by]))
+    parts = list(iter_rank_share(files, wanted, rank=rank, world_size=world_size, user_col=user_col,
+                                 row_filter=row_filter, filter_columns=filter_columns))
     if not parts:
-        if empty is None:
-            raise ValueError("no files to read: the table has no data files")
-        return empty.select(list(columns))
+        schema = pq.ParquetFile(open_input(files[0])).schema_arrow
+        return schema.empty_table().select(list(columns))
     table = pa.concat_tables(parts)
     return table.sort_by([(c, "ascending") for c in sort_by]).select(list(columns))

@@ -1,7 +1,8 @@
 """Stage-2 data: the ``sequences`` user rows read per rank, cut into samples, padded into batches.
 
-Each rank reads the rows of its users (a hash of the user id picks the rank, see
-:func:`hymirec_udfs.core.shards.read_rank_share`) in user order and cuts the samples itself,
+Each rank streams the rows of its users (a hash of the user id picks the rank, see
+:func:`hymirec_udfs.core.shards.iter_rank_share`), keeps them as int32 catalog indices in
+user order and cuts the samples itself,
 so shards and batches do not depend on the files or the row order Spark wrote. Ranks run the same number
 of steps per epoch (the smallest share decides) so DDP collectives always pair up.
 """
@@ -16,7 +17,7 @@ import torch
 
 from hymirec_udfs.core import schemas
 from hymirec_udfs.core.config import SequencesConfig
-from hymirec_udfs.core.shards import read_rank_share
+from hymirec_udfs.core.shards import iter_rank_share
 from hymirec_udfs.recommender.item_store import ItemStore
 from hymirec_udfs.sequences.samples import SPLITS
 
@@ -128,6 +129,7 @@ class SequenceDataset:
         rank: this rank.
         world_size: number of ranks.
         with_exclude: also collate ``exclude_idx`` (the distinct history; evaluation).
+        read_batch_rows: user rows read at a time (the rank's share is streamed).
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class SequenceDataset:
         world_size: int = 1,
         with_exclude: bool = False,
         cuts_per_epoch: int = 0,
+        read_batch_rows: int = 8192,
     ) -> None:
         import pyarrow as pa
 
@@ -160,14 +163,26 @@ class SequenceDataset:
         self.files = list(files)
         # The rank's users and their order come from the user ids alone (never from the
         # files or the row order Spark wrote), so a rebuilt table trains the same model.
-        table = read_rank_share(self.files, [COL_USER, COL_ITEMS, COL_TRAIN_END, COL_VALID_END], rank=rank,
-                                world_size=world_size, user_col=COL_USER, sort_by=[COL_USER])
-        users = np.asarray(table.column(COL_USER).cast(pa.string()).to_pylist(), dtype=object)
-        where = f"{len(self.files)} sequences file(s), e.g. {self.files[0] if self.files else '-'}"
-        self.history = (self._index_column(table.column(COL_ITEMS), COL_ITEMS, users, where) if len(users)
-                        else _Ragged(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)))
-        train_end = np.asarray(table.column(COL_TRAIN_END), dtype=np.int64)
-        valid_end = np.asarray(table.column(COL_VALID_END), dtype=np.int64)
+        # Streamed: one batch of raw rows (string ids) at a time becomes int32 catalog
+        # indices; only those are kept, then put in user order (peak: the int32 history
+        # plus one batch, not the rank's whole share as Arrow strings).
+        if not self.files:
+            raise ValueError("no files to read: the table has no data files")
+        where = f"{len(self.files)} sequences file(s), e.g. {self.files[0]}"
+        user_parts, history_parts, train_parts, valid_parts = [], [], [], []
+        for part in iter_rank_share(self.files, [COL_USER, COL_ITEMS, COL_TRAIN_END, COL_VALID_END], rank=rank,
+                                    world_size=world_size, user_col=COL_USER, batch_rows=read_batch_rows):
+            part_users = np.asarray(part.column(COL_USER).cast(pa.string()).to_pylist(), dtype=object)
+            user_parts.append(part_users)
+            history_parts.append(self._index_column(part.column(COL_ITEMS), COL_ITEMS, part_users, where))
+            train_parts.append(np.asarray(part.column(COL_TRAIN_END), dtype=np.int64))
+            valid_parts.append(np.asarray(part.column(COL_VALID_END), dtype=np.int64))
+        users = np.concatenate(user_parts) if user_parts else np.zeros(0, dtype=object)
+        order = np.argsort(users, kind="stable")  # the user order fixed by the ids alone
+        users = users[order]
+        self.history = _Ragged.concat(history_parts).take(order)
+        train_end = np.concatenate(train_parts)[order] if train_parts else np.zeros(0, np.int64)
+        valid_end = np.concatenate(valid_parts)[order] if valid_parts else np.zeros(0, np.int64)
         length = self.history.ends - self.history.starts
         owner, cut, end = [], [], []
         wanted = SPLITS if split is None else (split,)

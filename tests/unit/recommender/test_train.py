@@ -479,3 +479,50 @@ def test_train_on_gpu_bf16(toy, tmp_path) -> None:
     assert result["epochs"] == 1 and math.isfinite(result["best_val_ndcg@10"])
     model = load_trained_model(result["last_checkpoint"], map_location="cuda")
     assert next(model.parameters()).is_cuda
+
+
+STREAM_CHECK = r"""
+import sys, json, numpy as np, pyarrow as pa
+from hymirec_udfs.recommender.item_store import ItemStore
+from hymirec_udfs.recommender.data import SequenceDataset
+from hymirec_udfs.core.shards import read_rank_share
+n = 500
+store = ItemStore([f"item-{i:08d}" for i in range(n)], np.zeros((n + 1, 4), np.float32), np.zeros((n + 1, 1)),
+                  np.zeros((n + 1, 1), np.float32), np.zeros((1, 2, 4), np.float32))
+files = [sys.argv[2]]
+if sys.argv[1] == "dataset":
+    ds = SequenceDataset(files, store, split="train", read_batch_rows=256)
+    out = {"samples": len(ds), "history_bytes": int(ds.history.values.nbytes)}
+else:
+    table = read_rank_share(files, ["user_id", "item_ids"], rank=0, world_size=1, user_col="user_id",
+                            sort_by=["user_id"])
+    out = {"rows": table.num_rows}
+out["peak"] = pa.default_memory_pool().max_memory()
+print("STREAM " + json.dumps(out))
+"""
+
+
+def test_a_rank_streams_its_share_instead_of_holding_it_as_strings(tmp_path) -> None:
+    """The loader reads its share a batch at a time: pyarrow's peak memory stays a small
+    fraction of reading the share whole (4,000 users x 150 string ids), and what it keeps
+    is one int32 per interaction."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    rows = [dict(user_id=f"user-{u:06d}", item_ids=[f"item-{i:08d}" for i in rng.integers(0, 500, 150)],
+                 train_end=148, valid_end=149) for u in range(4000)]
+    path = tmp_path / "seq.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=500)
+
+    def run(mode: str) -> dict:
+        proc = subprocess.run([sys.executable, "-c", STREAM_CHECK, mode, str(path)], capture_output=True, text=True,
+                              timeout=300)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("STREAM ")]
+        assert proc.returncode == 0 and line, proc.stderr[-2000:]
+        return json.loads(line[-1][len("STREAM "):])
+
+    streamed, whole = run("dataset"), run("whole")
+    assert whole["rows"] == 4000 and streamed["samples"] == 4000 * 147
+    assert streamed["history_bytes"] == 4000 * 150 * 4  # int32 per interaction
+    assert streamed["peak"] < whole["peak"] / 4, (streamed, whole)

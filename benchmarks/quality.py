@@ -1,7 +1,8 @@
 """Recommendation quality protocol: converged models, several seeds, paired bootstrap intervals.
 
     python benchmarks/quality.py [--quick] [--seeds 0,1,2] [--models hymirec,sasrec,hllm]
-                                 [--recbole] [--out DIR] [--work DIR] [--set key=value ...]
+                                 [--recbole] [--time-split [0.8,0.9]] [--out DIR] [--work DIR]
+                                 [--set key=value ...]
 
 Every model is trained by the product's own ``train`` stage (early stopping on validation
 NDCG@10 with ``train.early_stopping_patience``, an epoch cap of ``train.epochs``) and
@@ -15,8 +16,13 @@ The summary is per model the mean and standard deviation over seeds of R@10 / N@
 a paired bootstrap 95% interval of HyMiRec - SASRec over the same test users (each user's
 hit averaged over seeds first, users resampled 2,000 times). The same figures are given for
 slices where content should win: targets that are cold (at most ``COLD_MAX`` training
-users) and long-tail (at most ``TAIL_MAX``). ``--recbole`` keeps history items in the
-ranking (RecBole's full-sort protocol; ties are broken by source order everywhere).
+users), long-tail (at most ``TAIL_MAX``) and unseen (no training user at all). ``--recbole``
+keeps history items in the ranking (RecBole's full-sort protocol; ties are broken by
+source order everywhere). ``--time-split`` replaces leave-one-out by a global time split
+(``sequences.split=time_cutoff``, cutoffs at the given quantiles of the interaction
+timestamps, default 0.8 and 0.9): test items first seen after the cutoff never appear in
+training, which is where the ``unseen`` slice gets its users. Use its own ``--work`` and
+``--out`` (its sequences differ).
 
 Writes ``<out>/quality.json`` (default ``benchmarks/results/``): a flat object of those
 figures plus ``machine``. ``--quick`` runs a tiny synthetic catalog with 2 seeds and 2
@@ -95,7 +101,8 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
     """The flat summary: per model and slice mean/std over seeds, paired intervals vs SASRec."""
     out: dict[str, Any] = {"seeds": list(seeds), "k": K, "cold_max_train_users": COLD_MAX,
                            "tail_max_train_users": TAIL_MAX}
-    slices = {"": lambda n: True, "cold_": lambda n: n <= COLD_MAX, "tail_": lambda n: n <= TAIL_MAX}
+    slices = {"": lambda n: True, "cold_": lambda n: n <= COLD_MAX, "tail_": lambda n: n <= TAIL_MAX,
+              "unseen_": lambda n: n == 0}
     per_user: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for model, by_seed in runs.items():
         users = None
@@ -134,7 +141,7 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
 def table(summary: dict[str, Any], models: Sequence[str]) -> str:
     """Readable table: mean ± std over seeds per model and slice."""
     lines = [f"{'slice':<8} {'model':<8} {'R@10':>17} {'N@10':>17}  users"]
-    for prefix, name in (("", "all"), ("cold_", "cold"), ("tail_", "tail")):
+    for prefix, name in (("", "all"), ("cold_", "cold"), ("tail_", "tail"), ("unseen_", "unseen")):
         for m in models:
             lines.append(f"{name:<8} {m:<8} {summary[f'{prefix}{m}_r10_mean']:.4f} ± {summary[f'{prefix}{m}_r10_std']:.4f}"
                          f"  {summary[f'{prefix}{m}_n10_mean']:.4f} ± {summary[f'{prefix}{m}_n10_std']:.4f}"
@@ -187,6 +194,19 @@ def run_one(spark: Any, profiles: list[str], sets: list[str], model: str, seed: 
     return result
 
 
+def time_split_sets(spark: Any, cfg: Any, quantiles: Sequence[float]) -> list[str]:
+    """``--set``s of a global time split: validation and test start at these quantiles of
+    the ingested interactions' timestamps (exact quantiles, computed in Spark)."""
+    from hymirec_udfs.core import schemas
+    from hymirec_udfs.core.tables import get_table_store
+
+    if len(quantiles) != 2 or not 0.0 < quantiles[0] < quantiles[1] < 1.0:
+        raise ValueError(f"--time-split needs two quantiles 0 < valid < test < 1, got {quantiles}")
+    inter = get_table_store(spark, cfg).read(schemas.INTERACTIONS)
+    valid, test = inter.approxQuantile("timestamp", list(quantiles), 0.0)
+    return ["sequences.split=time_cutoff", f"sequences.valid_cutoff={int(valid)}", f"sequences.test_cutoff={int(test)}"]
+
+
 def training_popularity(spark: Any, cfg: Any) -> dict[str, int]:
     """Training users per item: each user's distinct items in the training part of the history."""
     from pyspark.sql import functions as F
@@ -209,6 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--work", default="")
     parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--time-split", nargs="?", const="0.8,0.9", default="",
+                        help="global time split at these quantiles of the timestamps (valid, test)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     models = [m for m in args.models.split(",") if m]
@@ -226,7 +248,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     cfg = load_config(profiles, sets)
     spark = get_spark(cfg)
     t0 = time.perf_counter()
-    run_pipeline(spark, cfg, to_stage="build_sequences", echo=lambda line: print(line, flush=True))
+    if args.time_split:
+        run_pipeline(spark, cfg, to_stage="ingest", echo=lambda line: print(line, flush=True))
+        sets += time_split_sets(spark, cfg, [float(q) for q in args.time_split.split(",")])
+        cfg = load_config(profiles, sets)
+    built = run_pipeline(spark, cfg, to_stage="build_sequences", echo=lambda line: print(line, flush=True))
+    seq_job = next((j for j in built if j.stage == "build_sequences" and not j.skipped), None)
+    if args.time_split and seq_job is not None and not seq_job.row_counts.get("test_samples"):
+        raise ValueError(f"the time split at quantiles {args.time_split} leaves no test sample (no user has "
+                         f"{cfg.sequences.min_train_len} items before the validation cutoff and one after the test "
+                         "cutoff): choose earlier or closer quantiles")
     popularity = training_popularity(spark, cfg)
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for model in models:
@@ -234,7 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             print(f"[quality] {model} seed {seed}", flush=True)
             runs.setdefault(model, {})[seed] = run_one(spark, profiles, sets, model, seed, out / "runs")
     summary = summarise(runs, popularity, seeds)
-    summary["protocol"] = "recbole" if args.recbole else "hymirec"
+    summary["protocol"] = ("recbole" if args.recbole else "hymirec") + (" time-split" if args.time_split else "")
+    if args.time_split:
+        summary["time_split"] = {s.split("=")[0]: int(s.split("=")[1]) for s in sets if "_cutoff=" in s}
     summary["epochs_cap"] = cfg.train.epochs
     summary["stop"] = {f"{m}-seed{s}": [r["stop_reason"], r["epochs"]] for m, by in runs.items() for s, r in by.items()}
     summary["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -46,6 +46,9 @@ def test_summary_slices_and_mismatched_users_fail() -> None:
     assert summary["hymirec_r10_mean"] == pytest.approx(2 / 3)
     assert summary["cold_users"] == 1 and summary["cold_hymirec_r10_mean"] == 1.0 and summary["cold_sasrec_r10_mean"] == 0.0
     assert summary["cold_hymirec_minus_sasrec_r10_ci"] == [1.0, 1.0]
+    assert summary["unseen_users"] == 0  # every target has a training user here
+    unseen = q.summarise(runs, {"hot": 500}, [0, 1])  # "cold" never seen in training
+    assert unseen["unseen_users"] == 1 and unseen["unseen_hymirec_r10_mean"] == 1.0
     runs["sasrec"][1] = {**run([1, 1, 1]), "user_ids": ["u1", "u2", "u9"]}
     with pytest.raises(ValueError, match="other test users"):
         q.summarise(runs, {}, [0, 1])
@@ -68,3 +71,19 @@ def test_quick_protocol_writes_the_summary(spark, tmp_path: Path) -> None:
     again = _quality().main(["--quick", "--models", "hymirec,sasrec", "--out", str(tmp_path),
                              "--work", str(tmp_path / "work")])
     assert again["hymirec_r10_mean"] == written["hymirec_r10_mean"]
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_quick_time_split_protocol_has_unseen_test_items(spark, tmp_path: Path) -> None:
+    # the quick catalog's users are active briefly and staggered: early, close quantiles
+    # leave test users (0.8/0.9, the default, leaves none and fails clearly, below)
+    summary = _quality().main(["--quick", "--models", "hymirec", "--seeds", "0", "--time-split", "0.3,0.35",
+                               "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    cuts = summary["time_split"]
+    assert summary["protocol"] == "hymirec time-split"
+    assert 0 < cuts["sequences.valid_cutoff"] < cuts["sequences.test_cutoff"]
+    assert summary["users"] > 0 and summary["unseen_users"] <= summary["cold_users"] <= summary["users"]
+    with pytest.raises(ValueError, match="leaves no test sample"):
+        _quality().main(["--quick", "--models", "hymirec", "--seeds", "0", "--time-split", "--out",
+                         str(tmp_path / "late"), "--work", str(tmp_path / "late-work")])

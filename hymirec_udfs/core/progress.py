@@ -75,9 +75,13 @@ class SparkProgress(_Poller):
     """Progress of the Spark work a stage runs (see the module docstring)."""
 
     def __init__(self, spark: Any, stage: str, every_s: float) -> None:
+        try:
+            tracker = spark.sparkContext.statusTracker()
+        except Exception:  # noqa: BLE001 - a Spark Connect session has no status tracker
+            tracker, every_s = None, 0
         super().__init__(every_s)
         self.stage = stage
-        self._tracker = spark.sparkContext.statusTracker()
+        self._tracker = tracker
         self._t0 = time.monotonic()
         self.total: Optional[int] = None
         self.unit = ""

@@ -46,7 +46,10 @@ def test_the_pipeline_logs_registers_and_loads_with_the_oldest_admitted_mlflow()
     check = __import__("subprocess").run([str(python), "-c", "import mlflow; print(mlflow.__version__)"],
                                          capture_output=True, text=True, cwd="/")
     assert check.stdout.strip().split(".")[:2] == version.split(".")[:2] == ["3", "0"], check.stderr[-2000:]
-    proc = child_pytest(REPO / "tests" / "integration" / "test_pipeline_smoke.py", {"PYTHONPATH": str(REPO)},
+    # Spark's Python workers must be this venv's too: an earlier test's session set
+    # PYSPARK_PYTHON to the main venv (MLflow 3.17, pyarrow 25) in this process's environment
+    proc = child_pytest(REPO / "tests" / "integration" / "test_pipeline_smoke.py",
+                        {"PYTHONPATH": str(REPO), "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(python)},
                         python=str(python))
     assert proc.returncode == 0, f"with MLflow {version}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout.splitlines()[-1]

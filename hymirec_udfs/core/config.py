@@ -301,6 +301,10 @@ def _validate(cfg: Config) -> None:
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"'{dotted}' must be >= 1")
+    for dotted in ("evaluate.max_users", "train.max_steps"):
+        section, key = dotted.split(".")
+        if getattr(getattr(cfg, section), key) < 0:
+            raise ConfigError(f"'{dotted}' must be >= 0 (0: no limit)")
 
 
 def dump_config(cfg: Config) -> str:

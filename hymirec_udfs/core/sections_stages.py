@@ -338,6 +338,10 @@ class EvaluateConfig:
         model_run_id: MLflow run to evaluate; empty means the latest training run.
         baselines: baseline models trained and evaluated beside HyMiRec in the pipeline.
         chunk_items: catalog items scored per matmul chunk.
+        max_users: evaluate about this many users (0: every user): a sample fixed by the
+            user ids (a hash), so every model, run and day scores the same users. The
+            count is approximate (a per-user draw, not a global sort): at 100M users the
+            sample costs one filter, no shuffle or driver merge.
     """
 
     ks: list[int] = field(default_factory=lambda: [10, 50, 100, 200])
@@ -347,6 +351,7 @@ class EvaluateConfig:
     model_run_id: str = ""
     baselines: list[str] = field(default_factory=lambda: ["sasrec", "hllm"])
     chunk_items: int = 65536
+    max_users: int = 0
 
 
 @dataclass

@@ -229,6 +229,30 @@ def aggregate(per_user: "DataFrame", ks: Sequence[int]) -> "DataFrame":
     return out.withColumn("evaluated_at", F.lit(now).cast("timestamp"))
 
 
+# Seed of the evaluation user sample: fixed, so the sample depends on the user ids only.
+USER_SAMPLE_SEED = 20251015
+
+
+def sample_users(sequences: "DataFrame", max_users: int) -> "DataFrame":
+    """About ``max_users`` user rows of ``sequences`` (all of them when 0 or fewer users).
+
+    Each user is kept when a 64-bit hash of its id, read as a uniform draw in [0, 1), is
+    below ``max_users / users``: the same users on every run, model and day, whatever the
+    partitioning, and a superset when ``max_users`` grows. Cost: one count and one filter
+    (no sort, nothing on the driver), so 1M users out of 100M is a scan.
+    """
+    if max_users <= 0:
+        return sequences
+    from pyspark.sql import functions as F
+
+    total = sequences.count()
+    if total <= max_users:
+        return sequences
+    draw = F.pmod(F.xxhash64(F.col(schemas.USER_ID).cast("string"), F.lit(USER_SAMPLE_SEED)),
+                  F.lit(1 << 40)) / float(1 << 40)
+    return sequences.where(draw < max_users / total)
+
+
 def evaluate_models(
     spark: "SparkSession", cfg: Config, ctx: StageContext, models: dict[str, tuple[str, str]]
 ) -> list[dict[str, Any]]:
@@ -238,10 +262,12 @@ def evaluate_models(
     parts = max(2, spark.sparkContext.defaultParallelism)
     # one valid/test sample per user, cut from the user rows in Spark, cached: every model
     # scores the same samples
-    seqs = eval_samples(ctx.read(schemas.SEQUENCES), cfg.sequences, cfg.evaluate.splits).repartition(parts).cache()
+    users = sample_users(ctx.read(schemas.SEQUENCES), cfg.evaluate.max_users)
+    seqs = eval_samples(users, cfg.sequences, cfg.evaluate.splits).repartition(parts).cache()
     n_samples = seqs.count()
     if n_samples == 0:
-        raise EvaluationError(f"table 'sequences' has no samples for splits {cfg.evaluate.splits}")
+        raise EvaluationError(f"table 'sequences' has no samples for splits {cfg.evaluate.splits}"
+                              + (f" (evaluate.max_users={cfg.evaluate.max_users})" if cfg.evaluate.max_users else ""))
     ctx.expect(n_samples * len(models), "user evaluations")  # progress lines: users/s
     per_user = None
     for name, (checkpoint, run_id) in models.items():

@@ -88,3 +88,28 @@ def test_history_exclusion_switch_changes_ranks(loaded) -> None:
     with_ex = score_users(loaded, [[]], [["i1"]], ["i25"], hist, exclude_history=True, **kwargs)
     without = score_users(loaded, [[]], [["i1"]], ["i25"], hist, exclude_history=False, **kwargs)
     assert with_ex["rank"][0] <= without["rank"][0] and with_ex["rank"][0] <= 11
+
+
+def test_user_sample_is_fixed_by_user_ids_and_grows_as_a_superset(spark) -> None:
+    from hymirec_udfs.evaluation.offline import sample_users
+
+    users = spark.createDataFrame([(f"u{i}", i) for i in range(4000)], "user_id string, n int")
+
+    def ids(df) -> set:
+        return {r[0] for r in df.select("user_id").collect()}
+
+    assert sample_users(users, 0).count() == 4000  # 0: every user
+    assert sample_users(users, 5000).count() == 4000  # more than there are
+    small = ids(sample_users(users, 400))
+    assert 320 <= len(small) <= 480  # about max_users: a per-user draw, not an exact count
+    # the same users whatever the partitioning or row order
+    assert ids(sample_users(users.repartition(7).orderBy("n", ascending=False), 400)) == small
+    large = ids(sample_users(users, 1200))
+    assert small < large and 1000 <= len(large) <= 1400
+
+
+def test_negative_user_sample_is_refused(make_cfg) -> None:
+    from hymirec_udfs.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluate.max_users"):
+        make_cfg("evaluate.max_users=-1")

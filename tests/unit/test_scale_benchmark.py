@@ -37,7 +37,9 @@ def _size(items: int, walls: dict[str, float], rank_mb: float) -> dict:
     for stage, wall in walls.items():
         out[stage] = {"wall_s": wall, "table_bytes": items * 100,
                       **{f"peak_rss_mb_{r}": 100.0 for r in ("driver", "jvm", "workers", "total")},
-                      "peak_rss_mb_rank": rank_mb if stage in ("train", "evaluate") else 0.0}
+                      **{f"peak_private_mb_{r}": 50.0 for r in ("driver", "jvm", "workers")},
+                      "peak_rss_mb_rank": rank_mb if stage in ("train", "evaluate") else 0.0,
+                      "peak_private_mb_rank": rank_mb / 2 if stage in ("train", "evaluate") else 0.0}
     for stage, users in (("evaluate", 2000), ("recommend", items // 4)):
         out[stage].update(pairs=users * items, pairs_per_s=users * items / walls[stage])
     return out
@@ -56,7 +58,7 @@ def test_flat_result_exponents_and_goals() -> None:
     assert flat["exponent_per_pair_recommend"] == pytest.approx(0.0)
     assert flat["pairs_per_s_recommend_200k"] == pytest.approx(50_000 * 200_000 / 160.0)
     assert flat["wall_s_ingest_200k"] == 40.0 and flat["peak_rss_mb_train_50k"] == 100.0
-    assert flat["rank_rss_ratio"] == pytest.approx(1.1)
+    assert flat["rank_rss_ratio"] == pytest.approx(1.1) and flat["rank_private_ratio"] == pytest.approx(1.1)
     assert flat["goals_met"] and flat["stages_over_exponent_goal"] == ""
 
     quadratic = _size(200_000, {"ingest": 160.0, "train": 30.0, "evaluate": 160.0, "recommend": 160.0},
@@ -64,4 +66,6 @@ def test_flat_result_exponents_and_goals() -> None:
     flat = scale.flatten([small, quadratic])
     assert flat["stages_over_exponent_goal"] == "ingest" and flat["rank_rss_ratio"] == pytest.approx(1.5)
     assert not flat["goals_met"]
-    assert "| ingest | 10.0 | 160.0 | 2.00 |" in scale.table(flat, [50_000, 200_000])
+    rendered = scale.table(flat, [50_000, 200_000])
+    assert "| ingest | 10.0 | 160.0 | 2.00 |" in rendered
+    assert "| train | 30.0 | 30.0 | 0.00 | 100 | 100 | 100 → 100 | 1,000 → 1,500 (500 → 750) |" in rendered

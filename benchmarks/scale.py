@@ -36,7 +36,8 @@ exactly (a fixed user sample; every user), so they report pairs per second and
 ``exponent_per_pair_<stage>`` (the growth of the wall per pair) instead of meeting the
 linear goal.
 
-Writes ``benchmarks/results/scale.json`` (a flat object) and prints a markdown table.
+Writes ``benchmarks/results/scale.json`` (``scale-quick.json`` with ``--quick``), a flat
+object, and prints a markdown table. The full run takes about 35 min on a 2-core host.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "scale.json"
+QUICK_RESULTS = RESULTS.with_name("scale-quick.json")  # `make bench` must not overwrite the full run
 SIZES = (100_000, 400_000)
 QUICK_SIZES = (2_000, 6_000)
 USERS_PER_ITEM = 0.25
@@ -351,7 +353,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, fewer steps (minutes)")
     parser.add_argument("--sizes", default="", help="two catalog sizes, comma-separated")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default="", help=f"default {RESULTS.name}; --quick: {QUICK_RESULTS.name}")
     parser.add_argument("--child", nargs=3, metavar=("ITEMS", "BASE", "STAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one stage at one size in a fresh process: its measurements, last line
@@ -368,13 +370,14 @@ def main() -> int:
     flat = {"date": dt.date.today().isoformat(), "commit": commit,
             "host": f"{platform.node()} ({os.cpu_count()} cores)", "quick": args.quick,
             "total_wall_s": round(time.perf_counter() - t0, 1), **flatten(results)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(flat, indent=2) + "\n")
+    out = Path(args.out or (QUICK_RESULTS if args.quick else RESULTS))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(flat, indent=2) + "\n")
     print(table(flat, sizes))
     print(f"rank_rss_ratio {flat['rank_rss_ratio']} (goal <= {MAX_RANK_RSS_RATIO}; private memory "
           f"{flat['rank_private_ratio']}; every stage's ranks {flat['rank_rss_ratio_all_stages']}); "
           "stages over the exponent goal "
-          f"{MAX_EXPONENT}: {flat['stages_over_exponent_goal'] or 'none'}; wrote {args.out}")
+          f"{MAX_EXPONENT}: {flat['stages_over_exponent_goal'] or 'none'}; wrote {out}")
     return 0
 
 

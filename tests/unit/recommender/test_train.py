@@ -526,3 +526,38 @@ def test_a_rank_streams_its_share_instead_of_holding_it_as_strings(tmp_path) -> 
     assert whole["rows"] == 4000 and streamed["samples"] == 4000 * 147
     assert streamed["history_bytes"] == 4000 * 150 * 4  # int32 per interaction
     assert streamed["peak"] < whole["peak"] / 4, (streamed, whole)
+
+
+def _cut_points_loop(train_end, valid_end, length, wanted, stride, max_samples_per_user, window_targets):
+    """The per-sample loop the vectorised cut points replaced (the reference)."""
+    owner, cut, end = [], [], []
+    for u in range(len(train_end)):
+        if "train" in wanted:
+            cuts = range(1, int(train_end[u]), stride)
+            if max_samples_per_user and len(cuts) > max_samples_per_user:
+                cuts = cuts[-max_samples_per_user:]
+            for c in cuts:
+                owner.append(u), cut.append(c), end.append(min(c + window_targets, int(train_end[u])))
+        if "valid" in wanted and valid_end[u] > train_end[u]:
+            owner.append(u), cut.append(int(train_end[u])), end.append(int(train_end[u]) + 1)
+        if "test" in wanted and length[u] > valid_end[u]:
+            owner.append(u), cut.append(int(valid_end[u])), end.append(int(valid_end[u]) + 1)
+    return [np.asarray(a, dtype=np.int64) for a in (owner, cut, end)]
+
+
+@pytest.mark.parametrize("stride,cap,window", [(1, 0, 4), (1, 3, 4), (2, 0, 1), (3, 2, 2)])
+@pytest.mark.parametrize("wanted", [("train", "valid", "test"), ("train",), ("valid",), ("test",)])
+def test_vectorised_cut_points_equal_the_per_sample_loop(stride, cap, window, wanted) -> None:
+    from hymirec_udfs.recommender.data import _cut_points
+
+    rng = np.random.default_rng(stride * 10 + cap)
+    length = rng.integers(0, 30, size=200)
+    length[:4] = [0, 1, 2, 3]  # users too short for any cut
+    valid_end = np.maximum(length - rng.integers(0, 2, size=200), 0)
+    train_end = np.maximum(valid_end - rng.integers(0, 2, size=200), 0)
+    got = _cut_points(train_end, valid_end, length, wanted, stride=stride, max_samples_per_user=cap,
+                      window_targets=window)
+    want = _cut_points_loop(train_end, valid_end, length, wanted, stride, cap, window)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert all(a.dtype == np.int64 for a in got)

@@ -272,16 +272,21 @@ def run_size(n_items: int, quick: bool) -> dict[str, Any]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def label(n_items: int) -> str:
+    """The size's tag in result keys: ``400k``, or the plain count off the thousands."""
+    return f"{n_items // 1000}k" if n_items % 1000 == 0 else str(n_items)
+
+
 def flatten(sizes: list[dict[str, Any]]) -> dict[str, Any]:
     """The flat result: per stage and size, exponents and the rank memory ratio."""
     small, large = sizes
-    label = {s["items"]: f"{s['items'] // 1000}k" for s in sizes}
+    tags = {s["items"]: label(s["items"]) for s in sizes}
     ratio = large["items"] / small["items"]
     flat: dict[str, Any] = {}
     stages = [k for k, v in small.items() if isinstance(v, dict) and "wall_s" in v]
     for stage in stages:
         for s in sizes:
-            tag = label[s["items"]]
+            tag = tags[s["items"]]
             rec = s[stage]
             flat[f"wall_s_{stage}_{tag}"] = rec["wall_s"]
             flat[f"peak_rss_mb_{stage}_{tag}"] = rec["peak_rss_mb_total"]
@@ -292,7 +297,7 @@ def flatten(sizes: list[dict[str, Any]]) -> dict[str, Any]:
         growth = large[stage]["wall_s"] / small[stage]["wall_s"]
         flat[f"exponent_{stage}"] = round(math.log(growth) / math.log(ratio), 3)
     for s in sizes:
-        tag = label[s["items"]]
+        tag = tags[s["items"]]
         flat[f"items_{tag}"], flat[f"users_{tag}"] = s["items"], s["users"]
         flat[f"interactions_{tag}"] = s["interactions"]
         for stage in PAIR_STAGES:
@@ -329,7 +334,7 @@ def _rank_cell(flat: dict[str, Any], stage: str, tags: list[str]) -> str:
 
 
 def table(flat: dict[str, Any], sizes: list[int]) -> str:
-    tags = [f"{n // 1000}k" for n in sizes]
+    tags = [label(n) for n in sizes]
     stages = [k.removeprefix("exponent_") for k in flat
               if k.startswith("exponent_") and not k.startswith("exponent_per_pair_")]
     lines = [f"| stage | wall s {tags[0]} | wall s {tags[1]} | exponent | tree peak MB {tags[0]} | "
@@ -361,8 +366,8 @@ def main() -> int:
         print("SCALE_RESULT " + json.dumps(run_stage_child(int(items), Path(base), stage, args.quick)), flush=True)
         return 0
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
-    if len(sizes) != 2 or sizes[0] >= sizes[1]:
-        parser.error(f"--sizes needs two increasing catalog sizes, got {args.sizes!r}")
+    if len(sizes) != 2 or sizes[0] >= sizes[1] or label(sizes[0]) == label(sizes[1]):
+        parser.error(f"--sizes needs two increasing catalog sizes with distinct labels, got {args.sizes!r}")
     t0 = time.perf_counter()
     results = [run_size(n, args.quick) for n in sizes]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

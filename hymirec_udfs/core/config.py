@@ -301,7 +301,8 @@ def _validate(cfg: Config) -> None:
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"'{dotted}' must be >= 1")
-    for dotted in ("evaluate.max_users", "train.max_steps"):
+    for dotted in ("evaluate.max_users", "train.max_steps", "stage1.max_steps", "sequences.max_samples_per_user",
+                   "sequences.cuts_per_epoch"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"'{dotted}' must be >= 0 (0: no limit)")

@@ -205,8 +205,8 @@ class TableStore(ABC):
 
 # delta-rs writes on the driver: it buffers a whole Parquet row group (its default is far
 # larger) before flushing, so a write's driver memory grew with the table (958 MB for 1M
-# rows x 64 floats, 244 MB of data). With 65,536-row groups and 64 MiB files it stays
-# near 0.5 GB from 400k to 2M rows (359 MB at 400k, 634 MB at 2M; measured 2026-11-30).
+# rows x 64 floats, 244 MB of data). With 65,536-row groups (and 64 MiB files on writes;
+# a merge follows the table's delta.targetFileSize) it stays near 0.5 GB to 2M rows.
 ROW_GROUP_ROWS = 65_536
 TARGET_FILE_BYTES = 64 * 1024 * 1024
 
@@ -214,7 +214,9 @@ TARGET_FILE_BYTES = 64 * 1024 * 1024
 def _writer_properties() -> Any:
     from deltalake import WriterProperties
 
-    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS)
+    # Passing WriterProperties replaces delta-rs's defaults wholesale: without compression
+    # named, files would be written uncompressed (its default writer uses Snappy).
+    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="SNAPPY")
 
 
 class DeltaRsStore(TableStore):
@@ -389,7 +391,7 @@ class DeltaRsStore(TableStore):
 
     def delete(self, name: str, predicate: str) -> int:
         table = self._table(name)
-        table.delete(predicate)
+        table.delete(predicate, writer_properties=_writer_properties())
         return table.version()
 
 

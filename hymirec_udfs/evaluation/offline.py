@@ -281,6 +281,9 @@ def evaluate_models(
 
     mine = written.where(reduce(lambda a, b: a | b, [(F.col("model") == name) & (F.col("run_id") == rid)
                                                      for name, (_, rid) in models.items()]))
+    # Only this evaluation's users: rows of the same (model, run id) from an earlier
+    # evaluation of other users (another user sample, users since gone) are not merged over.
+    mine = mine.join(users.select(schemas.USER_ID), schemas.USER_ID, "left_semi")
     metrics = aggregate(mine, cfg.evaluate.ks)
     ctx.store.merge(schemas.EVAL_METRICS, metrics)
     rows = [r.asDict() for r in metrics.orderBy("model", "split", "k").collect()]

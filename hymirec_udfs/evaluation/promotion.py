@@ -144,15 +144,18 @@ def paired_metrics(ctx: "StageContext", cfg: "Config", model: str, run_id: str, 
     from pyspark.sql import functions as F
 
     from hymirec_udfs.core import schemas
+    from hymirec_udfs.evaluation.offline import sample_users
 
     column, k = metric_column(cfg.registry.metric, list(cfg.evaluate.ks))
-    rows = ctx.read(schemas.EVAL_PER_USER).where(F.col("split") == "test")
+    seqs = ctx.read(schemas.SEQUENCES)
+    # the users this evaluation scored (evaluate.max_users), not rows left by earlier ones
+    users = sample_users(seqs, cfg.evaluate.max_users).select(schemas.USER_ID)
+    rows = ctx.read(schemas.EVAL_PER_USER).where(F.col("split") == "test").join(users, schemas.USER_ID, "left_semi")
 
     def side(name: str, rid: str, alias: str):
         return (rows.where((F.col("model") == name) & (F.col("run_id") == rid))
                 .select(schemas.USER_ID, "target_id", F.col(column)[k].cast("double").alias(alias)))
 
-    seqs = ctx.read(schemas.SEQUENCES)
     train_users = (seqs.select(schemas.USER_ID, F.explode(F.slice(schemas.ITEM_IDS, 1, F.col(schemas.TRAIN_END)))
                                .alias("target_id"))
                    .distinct().groupBy("target_id").agg(F.count("*").alias("train_users")))

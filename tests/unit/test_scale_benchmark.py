@@ -28,8 +28,8 @@ def test_sampler_sees_a_child_rank_allocating_memory() -> None:
         time.sleep(2.5)
         proc.wait()
     assert sampler.peak["rank"] > 290, sampler.peak  # the rank's 300 MB, not the launcher's
-    assert sampler.peak["total"] >= sampler.peak["rank"] + sampler.peak["driver"] - 1
-    assert sampler.peak["workers"] == 0.0 and sampler.peak["jvm"] == 0.0
+    # the tree's total holds the rank (the driver's own peak may fall in another sample)
+    assert sampler.peak["total"] >= sampler.peak["rank"]
 
 
 def _size(items: int, walls: dict[str, float], rank_mb: float) -> dict:

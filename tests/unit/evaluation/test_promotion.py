@@ -158,3 +158,27 @@ def test_missing_champion_alias_is_a_clear_error(make_cfg) -> None:
         registry.require_alias(cfg, registry.CHAMPION)
     with pytest.raises(registry.RegistryError, match="tracking.enabled is false"):
         registry.by_alias(make_cfg(), registry.CHAMPION)
+
+
+def test_paired_users_are_this_evaluations_sample_not_earlier_rows(spark, make_cfg) -> None:
+    # eval_per_user is merged by (model, run id, split, user): with evaluate.max_users the
+    # rows of users an earlier, larger evaluation scored stay in the table and must not be
+    # paired (nor averaged into the metrics) again.
+    from hymirec_udfs.core import schemas
+    from hymirec_udfs.core.stage_api import StageContext
+    from hymirec_udfs.core.tables import get_table_store
+    from hymirec_udfs.core.tracking import RunLogger as Logger
+    from hymirec_udfs.evaluation.offline import sample_users
+    from hymirec_udfs.evaluation.promotion import paired_metrics
+
+    cfg = make_cfg(f"evaluate.max_users={N // 4}")
+    store = get_table_store(spark, cfg)
+    base = np.random.default_rng(1).uniform(0.0, 0.5, N)
+    _tables(spark, store, {("hymirec", "new"): base + 0.05, (CHAMPION_MODEL, "old"): base})  # every user scored
+    ctx = StageContext(spark, cfg, store, "r", Logger(None), "evaluate")
+    paired = paired_metrics(ctx, cfg, "hymirec", "new", "old")
+    sampled = sorted(r[0] for r in sample_users(store.read(schemas.SEQUENCES), N // 4).select("user_id").collect())
+    assert 0 < len(sampled) < N // 2
+    # user id order: each sampled user's own values, no one else's
+    np.testing.assert_allclose(paired["champion"], [base[int(u[1:])] for u in sampled])
+    np.testing.assert_allclose(paired["challenger"], [base[int(u[1:])] + 0.05 for u in sampled])

@@ -283,7 +283,7 @@ def evaluate_models(
                                                      for name, (_, rid) in models.items()]))
     # Only this evaluation's users: rows of the same (model, run id) from an earlier
     # evaluation of other users (another user sample, users since gone) are not merged over.
-    mine = mine.join(users.select(schemas.USER_ID), schemas.USER_ID, "left_semi")
+    mine = mine.join(seqs.select(schemas.USER_ID, "split"), [schemas.USER_ID, "split"], "left_semi")  # cached
     metrics = aggregate(mine, cfg.evaluate.ks)
     ctx.store.merge(schemas.EVAL_METRICS, metrics)
     rows = [r.asDict() for r in metrics.orderBy("model", "split", "k").collect()]

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--quick] [--seeds 0,1,2] [--models hymirec,sasrec,hllm]
                                  [--recbole] [--time-split [0.8,0.9]] [--out DIR] [--work DIR]
-                                 [--set key=value ...]
+                                 [--set key=value ...] [--model-set model:key=value ...]
 
 Every model is trained by the product's own ``train`` stage (early stopping on validation
 NDCG@10 with ``train.early_stopping_patience``, an epoch cap of ``train.epochs``) and
@@ -23,6 +23,10 @@ source order everywhere). ``--time-split`` replaces leave-one-out by a global ti
 timestamps, default 0.8 and 0.9): test items first seen after the cutoff never appear in
 training, which is where the ``unseen`` slice gets its users. Use its own ``--work`` and
 ``--out`` (its sequences differ).
+
+``--set`` applies to every model, ``--model-set MODEL:key=value`` to one (each model at its
+own best settings: SASRec's length and dropout, HyMiRec's item tower). Every result file
+records the settings it was trained with, and is read back only under the same settings.
 
 Writes ``<out>/quality.json`` (default ``benchmarks/results/``): a flat object of those
 figures plus ``machine``. ``--quick`` runs a tiny synthetic catalog with 2 seeds and 2
@@ -51,6 +55,8 @@ BOOTSTRAP = 2000
 COLD_MAX = 5
 TAIL_MAX = 20
 
+# Overrides that say where a run writes, not what it trains (left out of a run's settings).
+WHERE_NOT_WHAT = ("paths.work_dir", "tracking.enabled")
 # The full protocol: the local profile's model sizes, trained to convergence.
 FULL = ["train.epochs=20", "train.early_stopping_patience=3"]
 QUICK = [
@@ -152,11 +158,35 @@ def table(summary: dict[str, Any], models: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def run_settings(sets: Sequence[str]) -> list[str]:
+    """What a run was trained with: its ``key=value`` overrides, the last one per key winning
+    (as in config loading), sorted; the work dir and tracking are where, not what, so left out."""
+    settings: dict[str, str] = {}
+    for s in sets:
+        key, _, value = s.partition("=")
+        if key not in WHERE_NOT_WHAT:
+            settings[key.strip()] = value.strip()
+    return [f"{k}={v}" for k, v in sorted(settings.items())]
+
+
 def run_one(spark: Any, profiles: list[str], sets: list[str], model: str, seed: int, runs_dir: Path) -> dict[str, Any]:
-    """Train and evaluate one (model, seed), or read back its finished result file."""
+    """Train and evaluate one (model, seed), or read back its finished result file.
+
+    A result file is only read back when it was trained with the same settings
+    (:func:`run_settings`): a run dir reused with other ``--set``s would otherwise mix
+    models trained differently into one table, silently. A mismatch raises, naming the file
+    and the settings that differ.
+    """
     path = runs_dir / f"{model}-seed{seed}.json"
+    settings = run_settings(sets)
     if path.exists():
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        recorded = result.get("settings")
+        if recorded != settings:
+            differ = sorted(set(recorded or []) ^ set(settings))
+            raise ValueError(f"{path} was trained with settings {recorded} but this run asks for {settings} "
+                             f"(differing: {differ}); use another --out, or delete the file to retrain it")
+        return result
     from hymirec_udfs.core import schemas
     from hymirec_udfs.core.config import load_config
     from hymirec_udfs.core.tables import get_table_store
@@ -178,7 +208,7 @@ def run_one(spark: Any, profiles: list[str], sets: list[str], model: str, seed: 
         raise RuntimeError(f"no test rows of {model} (train runs {run_ids}) in eval_per_user")
     valid_hit, valid_ndcg = metrics_from_ranks([int(r.rank) for r in valid])
     result = {
-        "model": model, "seed": seed, "user_ids": [r.user_id for r in rows], "target_ids": [r.target_id for r in rows],
+        "model": model, "seed": seed, "settings": settings, "user_ids": [r.user_id for r in rows], "target_ids": [r.target_id for r in rows],
         "ranks": [int(r.rank) for r in rows],
         # what settings are chosen on (never the test split)
         "valid_r10": float(valid_hit.mean()) if len(valid) else None,
@@ -229,11 +259,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--work", default="")
     parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--model-set", dest="model_sets", action="append", default=[], metavar="MODEL:KEY=VALUE",
+                        help="an override for one model only (e.g. sasrec:model.sasrec_max_len=50)")
     parser.add_argument("--time-split", nargs="?", const="0.8,0.9", default="",
                         help="global time split at these quantiles of the timestamps (valid, test)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; known: {list(MODELS)}")
+    own_sets: dict[str, list[str]] = {m: [] for m in models}
+    for item in args.model_sets:
+        model, sep, kv = item.partition(":")
+        if not sep or "=" not in kv or model not in MODELS:
+            parser.error(f"--model-set {item!r}: expected MODEL:KEY=VALUE with MODEL one of {list(MODELS)}")
+        if model in own_sets:
+            own_sets[model].append(kv)
     out = Path(args.out)
     work = args.work or (tempfile.mkdtemp(prefix="hymirec-quality-") if args.quick else str(out / "quality-work"))
     sets = [f"paths.work_dir={work}", "tracking.enabled=false", *(QUICK if args.quick else FULL), *args.sets]
@@ -263,12 +305,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for model in models:
         for seed in seeds:
             print(f"[quality] {model} seed {seed}", flush=True)
-            runs.setdefault(model, {})[seed] = run_one(spark, profiles, sets, model, seed, out / "runs")
+            runs.setdefault(model, {})[seed] = run_one(spark, profiles, [*sets, *own_sets[model]], model, seed,
+                                                       out / "runs")
     summary = summarise(runs, popularity, seeds)
     summary["protocol"] = ("recbole" if args.recbole else "hymirec") + (" time-split" if args.time_split else "")
     if args.time_split:
         summary["time_split"] = {s.split("=")[0]: int(s.split("=")[1]) for s in sets if "_cutoff=" in s}
     summary["epochs_cap"] = cfg.train.epochs
+    summary["settings"] = {m: run_settings([*sets, *own_sets[m]]) for m in models}
     summary["stop"] = {f"{m}-seed{s}": [r["stop_reason"], r["epochs"]] for m, by in runs.items() for s, r in by.items()}
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     summary["machine"] = {"cores": os.cpu_count(), "gpu": None, "platform": platform.platform()}

@@ -55,8 +55,13 @@ def test_summary_slices_and_mismatched_users_fail() -> None:
 @pytest.mark.spark
 @pytest.mark.slow
 def test_quick_protocol_writes_the_summary(spark, tmp_path: Path) -> None:
+    own = ["--model-set", "sasrec:model.dropout=0.2"]
     summary = _quality().main(["--quick", "--models", "hymirec,sasrec", "--out", str(tmp_path),
-                               "--work", str(tmp_path / "work")])
+                               "--work", str(tmp_path / "work"), *own])
+    assert "model.dropout=0.2" in summary["settings"]["sasrec"]
+    assert not any(s.startswith("model.dropout=") for s in summary["settings"]["hymirec"])
+    recorded = json.loads((tmp_path / "runs" / "sasrec-seed1.json").read_text())["settings"]
+    assert recorded == summary["settings"]["sasrec"]
     written = json.loads((tmp_path / "quality.json").read_text())
     assert written["seeds"] == [0, 1] and written == json.loads(json.dumps(summary, sort_keys=True))
     for key in ("hymirec_r10_mean", "hymirec_r10_std", "sasrec_n10_mean", "cold_hymirec_r10_mean"):
@@ -67,8 +72,11 @@ def test_quick_protocol_writes_the_summary(spark, tmp_path: Path) -> None:
         "hymirec-seed0.json", "hymirec-seed1.json", "sasrec-seed0.json", "sasrec-seed1.json"]
     # resumable: a second call reads the result files back instead of training
     again = _quality().main(["--quick", "--models", "hymirec,sasrec", "--out", str(tmp_path),
-                             "--work", str(tmp_path / "work")])
+                             "--work", str(tmp_path / "work"), *own])
     assert again["hymirec_r10_mean"] == written["hymirec_r10_mean"]
+    # the same runs dir under other settings is refused, not mixed in
+    with pytest.raises(ValueError, match="sasrec-seed0.json was trained with"):
+        _quality().main(["--quick", "--models", "sasrec", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
 
 
 @pytest.mark.spark
@@ -85,3 +93,34 @@ def test_quick_time_split_protocol_has_unseen_test_items(spark, tmp_path: Path) 
     with pytest.raises(ValueError, match="leaves no test sample"):
         _quality().main(["--quick", "--models", "hymirec", "--seeds", "0", "--time-split", "--out",
                          str(tmp_path / "late"), "--work", str(tmp_path / "late-work")])
+
+
+def test_run_settings_last_override_wins_and_leaves_out_where() -> None:
+    q = _quality()
+    assert q.run_settings(["paths.work_dir=/tmp/x", "train.epochs=20", "tracking.enabled=false",
+                           "model.dropout=0.3", "train.epochs=2"]) == ["model.dropout=0.3", "train.epochs=2"]
+
+
+def test_a_result_file_is_read_back_only_under_its_own_settings(tmp_path: Path) -> None:
+    q = _quality()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    done = {"model": "sasrec", "seed": 0, "settings": ["model.dropout=0.3", "train.epochs=20"], "ranks": [1]}
+    (runs / "sasrec-seed0.json").write_text(json.dumps(done))
+    # same settings (other order, other work dir): read back without Spark
+    back = q.run_one(None, ["local"], ["train.epochs=20", "paths.work_dir=/elsewhere", "model.dropout=0.3"],
+                     "sasrec", 0, runs)
+    assert back == done
+    # other settings: a clear error naming the file and what differs, never a silent reuse
+    with pytest.raises(ValueError, match=r"sasrec-seed0\.json was trained with .*model\.dropout=0\.1"):
+        q.run_one(None, ["local"], ["train.epochs=20", "model.dropout=0.1"], "sasrec", 0, runs)
+    # a file without recorded settings is not trusted either
+    (runs / "sasrec-seed1.json").write_text(json.dumps({"model": "sasrec", "seed": 1, "ranks": [1]}))
+    with pytest.raises(ValueError, match="trained with settings None"):
+        q.run_one(None, ["local"], ["train.epochs=20"], "sasrec", 1, runs)
+
+
+def test_model_set_is_checked_before_any_work(tmp_path: Path) -> None:
+    for bad in (["--model-set", "sasrec"], ["--model-set", "bert4rec:model.dropout=0.3"], ["--models", "gru4rec"]):
+        with pytest.raises(SystemExit):
+            _quality().main(["--quick", "--out", str(tmp_path), *bad])

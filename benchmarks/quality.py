@@ -3,6 +3,7 @@
     python benchmarks/quality.py [--quick] [--seeds 0,1,2] [--models hymirec,sasrec,hllm]
                                  [--recbole] [--time-split [0.8,0.9]] [--out DIR] [--work DIR]
                                  [--set key=value ...] [--model-set model:key=value ...]
+                                 [--profile name ...]
 
 Every model is trained by the product's own ``train`` stage (early stopping on validation
 NDCG@10 with ``train.early_stopping_patience``, an epoch cap of ``train.epochs``) and
@@ -27,6 +28,9 @@ training, which is where the ``unseen`` slice gets its users. Use its own ``--wo
 ``--set`` applies to every model, ``--model-set MODEL:key=value`` to one (each model at its
 own best settings: SASRec's length and dropout, HyMiRec's item tower). Every result file
 records the settings it was trained with, and is read back only under the same settings.
+``--profile stage1-minilm`` puts stage 1 (the content encoder fine-tuned with the
+recommendation loss, then the catalog re-embedded) into the protocol; its embeddings
+differ, so give it its own ``--work``.
 
 Writes ``<out>/quality.json`` (default ``benchmarks/results/``): a flat object of those
 figures plus ``machine``. ``--quick`` runs a tiny synthetic catalog with 2 seeds and 2
@@ -158,10 +162,11 @@ def table(summary: dict[str, Any], models: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def run_settings(sets: Sequence[str]) -> list[str]:
+def run_settings(sets: Sequence[str], profiles: Sequence[str] = ("local",)) -> list[str]:
     """What a run was trained with: its ``key=value`` overrides, the last one per key winning
-    (as in config loading), sorted; the work dir and tracking are where, not what, so left out."""
-    settings: dict[str, str] = {}
+    (as in config loading), sorted; the work dir and tracking are where, not what, so left out.
+    Profiles stacked on ``local`` (``--profile``) are part of it as ``profiles=...``."""
+    settings: dict[str, str] = {} if list(profiles) == ["local"] else {"profiles": ",".join(profiles)}
     for s in sets:
         key, _, value = s.partition("=")
         if key not in WHERE_NOT_WHAT:
@@ -178,7 +183,7 @@ def run_one(spark: Any, profiles: list[str], sets: list[str], model: str, seed: 
     and the settings that differ.
     """
     path = runs_dir / f"{model}-seed{seed}.json"
-    settings = run_settings(sets)
+    settings = run_settings(sets, profiles)
     if path.exists():
         result = json.loads(path.read_text())
         recorded = result.get("settings")
@@ -259,6 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--work", default="")
     parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--profile", dest="profiles", action="append", default=[],
+                        help="a profile stacked on local for every model (e.g. stage1-minilm; use its own --work)")
     parser.add_argument("--model-set", dest="model_sets", action="append", default=[], metavar="MODEL:KEY=VALUE",
                         help="an override for one model only (e.g. sasrec:model.sasrec_max_len=50)")
     parser.add_argument("--time-split", nargs="?", const="0.8,0.9", default="",
@@ -281,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     sets = [f"paths.work_dir={work}", "tracking.enabled=false", *(QUICK if args.quick else FULL), *args.sets]
     if args.recbole:
         sets.append("evaluate.exclude_history=false")
-    profiles = ["local"]
+    profiles = ["local", *[p for p in args.profiles if p != "local"]]
 
     from hymirec_udfs.core.config import load_config
     from hymirec_udfs.core.spark import get_spark
@@ -312,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.time_split:
         summary["time_split"] = {s.split("=")[0]: int(s.split("=")[1]) for s in sets if "_cutoff=" in s}
     summary["epochs_cap"] = cfg.train.epochs
-    summary["settings"] = {m: run_settings([*sets, *own_sets[m]]) for m in models}
+    summary["settings"] = {m: run_settings([*sets, *own_sets[m]], profiles) for m in models}
     summary["stop"] = {f"{m}-seed{s}": [r["stop_reason"], r["epochs"]] for m, by in runs.items() for s, r in by.items()}
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     summary["machine"] = {"cores": os.cpu_count(), "gpu": None, "platform": platform.platform()}

@@ -124,3 +124,32 @@ def test_model_set_is_checked_before_any_work(tmp_path: Path) -> None:
     for bad in (["--model-set", "sasrec"], ["--model-set", "bert4rec:model.dropout=0.3"], ["--models", "gru4rec"]):
         with pytest.raises(SystemExit):
             _quality().main(["--quick", "--out", str(tmp_path), *bad])
+
+
+def test_a_stacked_profile_is_part_of_a_run_s_settings() -> None:
+    q = _quality()
+    assert q.run_settings(["train.epochs=20"], ["local", "stage1-minilm"]) == [
+        "profiles=local,stage1-minilm", "train.epochs=20"]
+    assert q.run_settings(["train.epochs=20"], ["local"]) == ["train.epochs=20"]  # as recorded before profiles
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_quick_protocol_with_stage1_fine_tunes_then_embeds(spark, tmp_path: Path) -> None:
+    from hymirec_udfs.artifacts import current_model_id
+    from hymirec_udfs.core import schemas
+    from hymirec_udfs.core.config import load_config
+    from hymirec_udfs.core.tables import get_table_store
+
+    work = tmp_path / "work"
+    summary = _quality().main(["--quick", "--models", "hymirec", "--seeds", "0", "--profile", "stage1-minilm",
+                               "--set", "stage1.max_steps=2", "--set", "stage1.batch_size=4",
+                               "--set", "stage1.negatives=8", "--out", str(tmp_path), "--work", str(work)])
+    assert "profiles=local,stage1-minilm" in summary["settings"]["hymirec"]
+    # the catalog was embedded by the fine-tuned encoder, not the base one
+    cfg = load_config(["local"], [f"paths.work_dir={work}", *_quality().QUICK])
+    store = get_table_store(spark, cfg)
+    ids = {r.model_id for r in store.read(schemas.ITEM_EMBEDDINGS).select("model_id").distinct().collect()}
+    fine_tuned = load_config(["local", "stage1-minilm"], [f"paths.work_dir={work}", *_quality().QUICK])
+    assert ids == {current_model_id(fine_tuned.embed, store, fine_tuned.stage1)}
+    assert current_model_id(cfg.embed) not in ids

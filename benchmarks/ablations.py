@@ -8,7 +8,9 @@ the same variants (:data:`hymirec_udfs.ablations.variants.VARIANTS`, one place) 
 protocol of ``benchmarks/quality.py``: each (variant, seed) trained by the product's
 ``train`` stage with a **fixed epoch budget** (``--epochs``, no early stopping, so every
 variant gets the same training) and scored by its ``evaluate`` stage (exact full-catalog
-ranking, history excluded) on the same test users; per variant the mean and standard
+ranking, history excluded) on the same test users. Every epoch is trained; as in the
+``train`` stage, the checkpoint evaluated is the best epoch on **validation** NDCG@10 (the
+test split never chooses; ``<slug>_best_epoch`` says which). Per variant the mean and standard
 deviation over seeds of R@K / N@K (K = 10, 50, 200), and a paired bootstrap 95% interval
 of variant - HyMiRec over the same users, per user averaged over seeds first.
 
@@ -54,7 +56,7 @@ def variant_sets(name: str) -> list[str]:
     sets = []
     for section, values in VARIANTS[name].items():
         for key, value in values.items():
-            sets.append(f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}")
+            sets.append(f"{section}.{key}={value if isinstance(value, str) else json.dumps(value)}")
     return sets + (EUCLIDEAN_EXTRA if "codebook" in VARIANTS[name] else [])
 
 
@@ -66,6 +68,7 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) 
     out: dict[str, Any] = {"seeds": list(seeds), "ks": list(KS)}
     per_user: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     users_of: dict[str, np.ndarray] = {}
+    targets_of: dict[str, np.ndarray] = {}
     for name, by_seed in runs.items():
         s = slug(name)
         orders = {seed: np.argsort(by_seed[seed]["user_ids"]) for seed in seeds}
@@ -74,6 +77,9 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) 
             if not np.array_equal(np.asarray(by_seed[seed]["user_ids"])[orders[seed]], users):
                 raise ValueError(f"variant {name!r} seed {seed} was evaluated on other test users than seed {seeds[0]}")
         users_of[name] = users
+        # the same users must also have the same targets (the Euclidean variant's sequences
+        # come from another work dir)
+        targets_of[name] = np.asarray(by_seed[seeds[0]].get("target_ids", users))[orders[seeds[0]]]
         per_user[name] = {}
         for k in KS:
             hits, ndcgs = zip(*(quality.metrics_from_ranks(np.asarray(by_seed[seed]["ranks"])[orders[seed]], k)
@@ -85,6 +91,7 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) 
             out[f"{s}_n{k}_std"] = float(np.std(g, ddof=1)) if len(g) > 1 else 0.0
             per_user[name][k] = (np.mean(hits, axis=0), np.mean(ndcgs, axis=0))
         out[f"{s}_epochs"] = [by_seed[seed].get("epochs") for seed in seeds]
+        out[f"{s}_best_epoch"] = [by_seed[seed].get("best_epoch") for seed in seeds]
     if FULL_VARIANT in runs:
         out["users"] = int(len(users_of[FULL_VARIANT]))
         for name in runs:
@@ -92,6 +99,8 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) 
                 continue
             if not np.array_equal(users_of[name], users_of[FULL_VARIANT]):
                 raise ValueError(f"variant {name!r} and HyMiRec were evaluated on different test users")
+            if not np.array_equal(targets_of[name], targets_of[FULL_VARIANT]):
+                raise ValueError(f"variant {name!r} and HyMiRec were evaluated on different test targets")
             for k in KS:
                 (h, g), (h0, g0) = per_user[name][k], per_user[FULL_VARIANT][k]
                 out[f"{slug(name)}_minus_hymirec_r{k}_ci"] = list(quality.paired_bootstrap_ci(h, h0))
@@ -123,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", default="")
-    parser.add_argument("--epochs", type=int, default=0, help="fixed epoch budget per run (default 6; quick 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="fixed epoch budget per run (default 6; quick 1)")
     parser.add_argument("--variants", default="", help="comma-separated names or slugs (default: all)")
     parser.add_argument("--set", dest="sets", action="append", default=[])
     parser.add_argument("--out", default=str(RESULTS))
@@ -135,12 +144,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         parser.error(str(exc))
     if FULL_VARIANT not in variants:
         variants.insert(0, FULL_VARIANT)  # every interval is against the full model
-    epochs = args.epochs or (1 if args.quick else 6)
+    epochs = args.epochs if args.epochs is not None else (1 if args.quick else 6)
     if epochs < 1:
         parser.error("--epochs must be >= 1")
+    shared = [s for s in args.sets if not s.strip().startswith(quality.PER_MODEL)]
+    if shared:  # they would rebuild the shared tables (quality.py's work dir) for a study of its own
+        parser.error(f"--set {shared}: only what training and evaluation read ({', '.join(quality.PER_MODEL)}) "
+                     "can be set here; the tables up to sequences are the protocol's")
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     out = Path(args.out)
-    work = args.work or (tempfile.mkdtemp(prefix="hymirec-ablations-") if args.quick else str(out / "quality-work"))
+    work = str(Path(args.work or (tempfile.mkdtemp(prefix="hymirec-ablations-") if args.quick
+                                  else out / "quality-work")))
     # A fixed budget: the protocol's sizes, every epoch trained (no early stopping).
     base = ["tracking.enabled=false", *(quality.QUICK if args.quick else quality.FULL), *args.sets,
             f"train.epochs={epochs}", "train.early_stopping_patience=0"]
@@ -156,8 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for name in variants:
         own = variant_sets(name)
+        # a variant that refits the codebook gets a work dir of its own, beside the shared one
         where = work + ("-euclidean" if any(s.startswith("codebook.") for s in own) else "")
-        sets = [f"paths.work_dir={where}", *base, *own]
+        sets = [*base, *own, f"paths.work_dir={where}"]
         cfg = load_config(profiles, sets)
         spark = spark or get_spark(cfg)
         if where not in built:  # tables up to sequences for this work dir (skipped when current)

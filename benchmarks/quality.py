@@ -30,7 +30,9 @@ own best settings: SASRec's length and dropout, HyMiRec's item tower). Every res
 records the settings it was trained with, and is read back only under the same settings.
 ``--profile stage1-minilm`` puts stage 1 (the content encoder fine-tuned with the
 recommendation loss, then the catalog re-embedded) into the protocol; its embeddings
-differ, so give it its own ``--work``.
+differ, so its default work dir is its own (``<out>/quality-work-stage1-minilm``). A
+result file is read back when its recorded overrides match; a change of the code's or the
+profiles' defaults is not detected, so start a new ``--out`` after one.
 
 Writes ``<out>/quality.json`` (default ``benchmarks/results/``): a flat object of those
 figures plus ``machine``. ``--quick`` runs a tiny synthetic catalog with 2 seeds and 2
@@ -59,8 +61,15 @@ BOOTSTRAP = 2000
 COLD_MAX = 5
 TAIL_MAX = 20
 
-# Overrides that say where a run writes, not what it trains (left out of a run's settings).
-WHERE_NOT_WHAT = ("paths.work_dir", "tracking.enabled")
+# Override sections that say where a run writes and how it is tracked, not what it trains
+# (left out of a run's settings).
+WHERE_NOT_WHAT = ("paths.", "tracking.", "spark.")
+# What a single model may override (--model-set): what is read at training and evaluation
+# time. The tables up to ``sequences`` are built once for every model, so an override of
+# ingest, embed, stage 1, the codebook or the split would be recorded but never applied.
+PER_MODEL = ("model.", "dmil.", "train.", "evaluate.", "sequences.recent_window", "sequences.max_long",
+             "sequences.window_targets", "sequences.stride", "sequences.max_samples_per_user",
+             "sequences.cuts_per_epoch")
 # The full protocol: the local profile's model sizes, trained to convergence.
 FULL = ["train.epochs=20", "train.early_stopping_patience=3"]
 QUICK = [
@@ -166,11 +175,16 @@ def run_settings(sets: Sequence[str], profiles: Sequence[str] = ("local",)) -> l
     """What a run was trained with: its ``key=value`` overrides, the last one per key winning
     (as in config loading), sorted; the work dir and tracking are where, not what, so left out.
     Profiles stacked on ``local`` (``--profile``) are part of it as ``profiles=...``."""
+    import yaml
+
     settings: dict[str, str] = {} if list(profiles) == ["local"] else {"profiles": ",".join(profiles)}
     for s in sets:
-        key, _, value = s.partition("=")
-        if key not in WHERE_NOT_WHAT:
-            settings[key.strip()] = value.strip()
+        key, _, raw = s.partition("=")
+        key = key.strip()
+        if key.startswith(WHERE_NOT_WHAT):
+            continue
+        value = yaml.safe_load(raw) if raw.strip() else ""  # as config loading reads it: 0.30 == 0.3
+        settings[key] = value if isinstance(value, str) else json.dumps(value)
     return [f"{k}={v}" for k, v in sorted(settings.items())]
 
 
@@ -281,14 +295,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         model, sep, kv = item.partition(":")
         if not sep or "=" not in kv or model not in MODELS:
             parser.error(f"--model-set {item!r}: expected MODEL:KEY=VALUE with MODEL one of {list(MODELS)}")
+        if not kv.strip().startswith(PER_MODEL):
+            parser.error(f"--model-set {item!r}: only what training and evaluation read can differ per model "
+                         f"({', '.join(PER_MODEL)}); the tables up to sequences are shared, use --set")
         if model in own_sets:
             own_sets[model].append(kv)
     out = Path(args.out)
-    work = args.work or (tempfile.mkdtemp(prefix="hymirec-quality-") if args.quick else str(out / "quality-work"))
-    sets = [f"paths.work_dir={work}", "tracking.enabled=false", *(QUICK if args.quick else FULL), *args.sets]
+    stacked = [p.strip() for arg in args.profiles for p in arg.split(",") if p.strip() and p.strip() != "local"]
+    # a stacked profile (stage 1) changes the embeddings: its own work dir unless one is given
+    default_work = str(out / "-".join(["quality-work", *(Path(p).stem for p in stacked)]))
+    work = args.work or (tempfile.mkdtemp(prefix="hymirec-quality-") if args.quick else default_work)
+    sets = ["tracking.enabled=false", *(QUICK if args.quick else FULL), *args.sets, f"paths.work_dir={work}"]
     if args.recbole:
         sets.append("evaluate.exclude_history=false")
-    profiles = ["local", *[p for p in args.profiles if p != "local"]]
+    profiles = ["local", *stacked]
 
     from hymirec_udfs.core.config import load_config
     from hymirec_udfs.core.spark import get_spark

@@ -14,7 +14,8 @@ converged run. Each (round, configuration) leaves one result file, so a sweep re
 across sittings.
 
 The winner is then compared under the protocol with 3 seeds against SASRec:
-``python benchmarks/quality.py --models hymirec,sasrec --set <the winner's sets>`` (printed
+``python benchmarks/quality.py --models hymirec,sasrec --model-set hymirec:<each of the winner's
+sets> --out <out>/sweep-winner`` (printed
 at the end). ``--quick`` runs 3 configurations on the protocol's tiny synthetic catalog
 (what ``make test`` runs). Writes ``<out>/sweep.json``.
 """
@@ -119,7 +120,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "seed": 0, "judged_on": "valid ndcg@10", "eta": args.eta, "budgets": budgets, "configurations": names,
         "rounds": rounds, "runs": runs, "best": best, "best_sets": best_sets,
         "best_valid_n10": rounds[-1]["scores"][best],
-        "next": "python benchmarks/quality.py --models hymirec,sasrec " + " ".join(f"--set {s}" for s in best_sets),
+        # the winner's settings are HyMiRec's own (SASRec keeps its own), in a runs dir of their own
+        "next": "python benchmarks/quality.py --models hymirec,sasrec "
+                + " ".join(f"--model-set hymirec:{s}" for s in best_sets) + f" --out {out / 'sweep-winner'}",
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     out.mkdir(parents=True, exist_ok=True)

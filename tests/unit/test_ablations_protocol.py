@@ -56,10 +56,15 @@ def test_summary_by_hand_and_mismatched_users_fail() -> None:
     runs["w/o DMIL"][1] = _run([1, 1, 1], users=("u1", "u2", "u9"))
     with pytest.raises(ValueError, match="other test users"):
         a.summarise(runs, [0, 1])
+    runs["w/o DMIL"] = {seed: {**_run([1, 1, 1]), "target_ids": ["a", "b", "c"]} for seed in (0, 1)}
+    runs["hymirec"] = {seed: {**_run([1, 1, 1]), "target_ids": ["a", "b", "x"]} for seed in (0, 1)}
+    with pytest.raises(ValueError, match="different test targets"):
+        a.summarise(runs, [0, 1])
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path: Path) -> None:
-    for bad in (["--variants", "w/o everything"], ["--epochs", "-1"]):
+    for bad in (["--variants", "w/o everything"], ["--epochs", "-1"], ["--epochs", "0"],
+                ["--set", "codebook.ks=[4, 4]"], ["--set", "paths.work_dir=/elsewhere"]):
         with pytest.raises(SystemExit):
             _ablations().main(["--quick", "--out", str(tmp_path), *bad])
 
@@ -72,7 +77,9 @@ def test_quick_ablations_fixed_budget_own_codebook_and_resume(spark, tmp_path: P
     written = json.loads((tmp_path / "ablations-quick.json").read_text())
     assert written["variants"] == ["hymirec", "euclidean codebook", "w/o DMIL"] and written["epochs"] == 1
     for s in ("hymirec", "w_o_dmil", "euclidean_codebook"):
-        assert written[f"{s}_epochs"] == [1]  # the fixed budget: no early stop, no more
+        assert written[f"{s}_epochs"] == [1] and written[f"{s}_best_epoch"] == [1]
+        run = json.loads((tmp_path / "ablations" / s / "hymirec-seed0.json").read_text())
+        assert {"train.early_stopping_patience=0", "train.epochs=1"} <= set(run["settings"])  # the fixed budget
         assert 0.0 <= written[f"{s}_r10_mean"] <= written[f"{s}_r50_mean"] <= written[f"{s}_r200_mean"] <= 1.0
     low, high = written["euclidean_codebook_minus_hymirec_r10_ci"]
     assert -1.0 <= low <= high <= 1.0
@@ -88,5 +95,8 @@ def test_quick_ablations_fixed_budget_own_codebook_and_resume(spark, tmp_path: P
         return {r.metric for r in get_table_store(spark, cfg).read(schemas.CODEBOOKS).select("metric").collect()}
 
     assert metrics(tmp_path / "work") == {"cosine"} and metrics(tmp_path / "work-euclidean") == {"euclidean"}
-    # resumable: every (variant, seed) left its result file, read back on a re-run
-    assert _ablations().main(args)["hymirec_r10_mean"] == summary["hymirec_r10_mean"]
+    # resumable: every (variant, seed) left its result file, read back (not rewritten) on a re-run
+    files = sorted((tmp_path / "ablations").glob("*/hymirec-seed0.json"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert len(files) == 3 and _ablations().main(args)["hymirec_r10_mean"] == summary["hymirec_r10_mean"]
+    assert [f.stat().st_mtime_ns for f in files] == stamps

@@ -71,9 +71,11 @@ def test_quick_protocol_writes_the_summary(spark, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         "hymirec-seed0.json", "hymirec-seed1.json", "sasrec-seed0.json", "sasrec-seed1.json"]
     # resumable: a second call reads the result files back instead of training
+    stamps = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "runs").iterdir()}
     again = _quality().main(["--quick", "--models", "hymirec,sasrec", "--out", str(tmp_path),
                              "--work", str(tmp_path / "work"), *own])
     assert again["hymirec_r10_mean"] == written["hymirec_r10_mean"]
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "runs").iterdir()} == stamps
     # the same runs dir under other settings is refused, not mixed in
     with pytest.raises(ValueError, match="sasrec-seed0.json was trained with"):
         _quality().main(["--quick", "--models", "sasrec", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
@@ -98,7 +100,13 @@ def test_quick_time_split_protocol_has_unseen_test_items(spark, tmp_path: Path) 
 def test_run_settings_last_override_wins_and_leaves_out_where() -> None:
     q = _quality()
     assert q.run_settings(["paths.work_dir=/tmp/x", "train.epochs=20", "tracking.enabled=false",
-                           "model.dropout=0.3", "train.epochs=2"]) == ["model.dropout=0.3", "train.epochs=2"]
+                           "model.dropout=0.3", "train.epochs=2", "spark.master=local[2]"]) == [
+        "model.dropout=0.3", "train.epochs=2"]
+    # values as config loading reads them: the same setting however it is spelled
+    assert q.run_settings(["model.dropout=0.30", "dmil.learnable_temperature=True", "codebook.ks=[8,8]",
+                           "model.item_adapter=mlp_id"]) == q.run_settings(
+        ["model.dropout=0.3", "dmil.learnable_temperature=true", "codebook.ks=[8, 8]", "model.item_adapter=mlp_id"])
+    assert "model.item_adapter=mlp_id" in q.run_settings(["model.item_adapter=mlp_id"])  # strings stay bare
 
 
 def test_a_result_file_is_read_back_only_under_its_own_settings(tmp_path: Path) -> None:
@@ -121,7 +129,8 @@ def test_a_result_file_is_read_back_only_under_its_own_settings(tmp_path: Path) 
 
 
 def test_model_set_is_checked_before_any_work(tmp_path: Path) -> None:
-    for bad in (["--model-set", "sasrec"], ["--model-set", "bert4rec:model.dropout=0.3"], ["--models", "gru4rec"]):
+    for bad in (["--model-set", "sasrec"], ["--model-set", "bert4rec:model.dropout=0.3"], ["--models", "gru4rec"],
+                ["--model-set", "hymirec:codebook.ks=[4, 4]"], ["--model-set", "sasrec:sequences.split=time_cutoff"]):
         with pytest.raises(SystemExit):
             _quality().main(["--quick", "--out", str(tmp_path), *bad])
 
@@ -142,7 +151,7 @@ def test_quick_protocol_with_stage1_fine_tunes_then_embeds(spark, tmp_path: Path
     from hymirec_udfs.core.tables import get_table_store
 
     work = tmp_path / "work"
-    summary = _quality().main(["--quick", "--models", "hymirec", "--seeds", "0", "--profile", "stage1-minilm",
+    summary = _quality().main(["--quick", "--models", "hymirec", "--seeds", "0", "--profile", "local,stage1-minilm",
                                "--set", "stage1.max_steps=2", "--set", "stage1.batch_size=4",
                                "--set", "stage1.negatives=8", "--out", str(tmp_path), "--work", str(work)])
     assert "profiles=local,stage1-minilm" in summary["settings"]["hymirec"]

@@ -14,7 +14,7 @@ and target items), so the protocol is resumable across sittings: a finished pair
 back, not retrained.
 
 The summary is per model the mean and standard deviation over seeds of R@10 / N@10, and
-a paired bootstrap 95% interval of HyMiRec - SASRec over the same test users (each user's
+a paired bootstrap 95% interval of HyMiRec - SASRec (and - HLLM) over the same test users (each user's
 hit averaged over seeds first, users resampled 2,000 times). The same figures are given for
 slices where content should win: targets that are cold (at most ``COLD_MAX`` training
 users), long-tail (at most ``TAIL_MAX``) and unseen (no training user at all). ``--recbole``
@@ -147,13 +147,14 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
             out[f"{prefix}users"] = int(mask.sum())
             per_user[(prefix, model)] = {
                 "users": users[mask], "hit": np.mean(hits, axis=0)[mask], "ndcg": np.mean(ndcgs, axis=0)[mask]}
-    if "hymirec" in runs and "sasrec" in runs:
+    # HyMiRec against every other model (SASRec, HLLM), paired over the same users
+    for other in [m for m in runs if m != "hymirec" and "hymirec" in runs]:
         for prefix in slices:
-            a, b = per_user[(prefix, "hymirec")], per_user[(prefix, "sasrec")]
+            a, b = per_user[(prefix, "hymirec")], per_user[(prefix, other)]
             if not np.array_equal(a["users"], b["users"]):
-                raise ValueError("HyMiRec and SASRec were evaluated on different test users")
-            out[f"{prefix}hymirec_minus_sasrec_r10_ci"] = list(paired_bootstrap_ci(a["hit"], b["hit"]))
-            out[f"{prefix}hymirec_minus_sasrec_n10_ci"] = list(paired_bootstrap_ci(a["ndcg"], b["ndcg"]))
+                raise ValueError(f"HyMiRec and {other} were evaluated on different test users")
+            out[f"{prefix}hymirec_minus_{other}_r10_ci"] = list(paired_bootstrap_ci(a["hit"], b["hit"]))
+            out[f"{prefix}hymirec_minus_{other}_n10_ci"] = list(paired_bootstrap_ci(a["ndcg"], b["ndcg"]))
     return out
 
 
@@ -165,9 +166,10 @@ def table(summary: dict[str, Any], models: Sequence[str]) -> str:
             lines.append(f"{name:<8} {m:<8} {summary[f'{prefix}{m}_r10_mean']:.4f} ± {summary[f'{prefix}{m}_r10_std']:.4f}"
                          f"  {summary[f'{prefix}{m}_n10_mean']:.4f} ± {summary[f'{prefix}{m}_n10_std']:.4f}"
                          f"  {summary[f'{prefix}users']}")
-        ci = summary.get(f"{prefix}hymirec_minus_sasrec_r10_ci")
-        if ci:
-            lines.append(f"{name:<8} HyMiRec - SASRec R@10 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]")
+        for other in [m for m in models if m != "hymirec"]:
+            ci = summary.get(f"{prefix}hymirec_minus_{other}_r10_ci")
+            if ci:
+                lines.append(f"{name:<8} HyMiRec - {other} R@10 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]")
     return "\n".join(lines)
 
 

@@ -52,6 +52,17 @@ def test_summary_slices_and_mismatched_users_fail() -> None:
         q.summarise(runs, {}, [0, 1])
 
 
+def test_hymirec_is_paired_against_every_other_model() -> None:
+    q = _quality()
+    users = {"user_ids": ["u1", "u2"], "target_ids": ["a", "b"]}
+    runs = {"hymirec": {0: {**users, "ranks": [1, 1]}}, "sasrec": {0: {**users, "ranks": [1, 50]}},
+            "hllm": {0: {**users, "ranks": [50, 50]}}}
+    summary = q.summarise(runs, {}, [0])
+    assert summary["hymirec_minus_hllm_r10_ci"] == [1.0, 1.0]
+    assert 0.0 <= summary["hymirec_minus_sasrec_r10_ci"][0] <= summary["hymirec_minus_sasrec_r10_ci"][1] <= 1.0
+    assert "HyMiRec - hllm R@10 95% CI [+1.0000, +1.0000]" in q.table(summary, ["hymirec", "sasrec", "hllm"])
+
+
 @pytest.mark.spark
 @pytest.mark.slow
 def test_quick_protocol_writes_the_summary(spark, tmp_path: Path) -> None:

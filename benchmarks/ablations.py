@@ -71,11 +71,7 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) 
     targets_of: dict[str, np.ndarray] = {}
     for name, by_seed in runs.items():
         s = slug(name)
-        orders = {seed: np.argsort(by_seed[seed]["user_ids"]) for seed in seeds}
-        users = np.asarray(by_seed[seeds[0]]["user_ids"])[orders[seeds[0]]]
-        for seed in seeds[1:]:
-            if not np.array_equal(np.asarray(by_seed[seed]["user_ids"])[orders[seed]], users):
-                raise ValueError(f"variant {name!r} seed {seed} was evaluated on other test users than seed {seeds[0]}")
+        orders, users = quality.aligned_by_user(by_seed, seeds, f"variant {name!r}")
         users_of[name] = users
         # the same users must also have the same targets (the Euclidean variant's sequences
         # come from another work dir)

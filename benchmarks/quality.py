@@ -115,6 +115,18 @@ def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, *, n: int = BOOTSTRAP, see
     return float(low), float(high)
 
 
+def aligned_by_user(by_seed: dict[int, dict[str, Any]], seeds: Sequence[int],
+                    label: str) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Per seed the order that sorts its rows by user, and the sorted users; every seed of
+    ``label`` must have been evaluated on the same users."""
+    orders = {seed: np.argsort(by_seed[seed]["user_ids"]) for seed in seeds}
+    users = np.asarray(by_seed[seeds[0]]["user_ids"])[orders[seeds[0]]]
+    for seed in seeds[1:]:
+        if not np.array_equal(np.asarray(by_seed[seed]["user_ids"])[orders[seed]], users):
+            raise ValueError(f"{label} seed {seed} was evaluated on other test users than seed {seeds[0]}")
+    return orders, users
+
+
 def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, int],
               seeds: Sequence[int]) -> dict[str, Any]:
     """The flat summary: per model and slice mean/std over seeds, paired intervals vs SASRec."""
@@ -124,17 +136,9 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
               "unseen_": lambda n: n == 0}
     per_user: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for model, by_seed in runs.items():
-        users = None
-        for seed in seeds:
-            run = by_seed[seed]
-            order = np.argsort(run["user_ids"])
-            ids = np.asarray(run["user_ids"])[order]
-            if users is None:
-                users, targets = ids, np.asarray(run["target_ids"])[order]
-            elif not np.array_equal(users, ids):
-                raise ValueError(f"{model} seed {seed} was evaluated on other test users than seed {seeds[0]}")
-        hits, ndcgs = zip(*(metrics_from_ranks(np.asarray(by_seed[s]["ranks"])[np.argsort(by_seed[s]["user_ids"])])
-                            for s in seeds))
+        orders, users = aligned_by_user(by_seed, seeds, model)
+        targets = np.asarray(by_seed[seeds[0]]["target_ids"])[orders[seeds[0]]]
+        hits, ndcgs = zip(*(metrics_from_ranks(np.asarray(by_seed[s]["ranks"])[orders[s]]) for s in seeds))
         train_users = np.array([popularity.get(t, 0) for t in targets])
         for prefix, keep in slices.items():
             mask = np.array([keep(n) for n in train_users], dtype=bool)

@@ -101,12 +101,9 @@ def runtime_venv(name: str, requirements: Iterable[str] = (), *, exclude: Iterab
     <requirements>`` (``--no-deps`` when asked). Returns ``<venv>/bin/python``."""
     requirements, exclude = sorted(requirements), sorted(_norm(e) for e in exclude)
     dists = closure(RUNTIME, exclude)
-    key = json.dumps({"py": sys.version, "dists": sorted(f"{n}=={d.version}" for n, d in dists.items()),
-                      "requirements": requirements, "no_deps": no_deps, "constrained": constrained,
-                      "constraints": (REPO / "constraints.txt").read_text()}, sort_keys=True)
-    home = CACHE / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    home = cache_home(name, dists, requirements, no_deps=no_deps, constrained=constrained)
     python = home / "bin" / "python"
-    if (home / ".complete").exists():
+    if (home / ".complete").exists() and intact(home):
         return python
     if home.exists():
         _chmod_writable(home)
@@ -123,8 +120,49 @@ def runtime_venv(name: str, requirements: Iterable[str] = (), *, exclude: Iterab
                                 if _norm(re.split(r"[ =<>!~;\[]", line.strip(), maxsplit=1)[0]) not in exclude))
         _pip(python, "install", "-q", *(["-c", str(pins)] if constrained else []),
              *(["--no-deps"] if no_deps else []), *requirements)
-    (home / ".complete").write_text(key)
+    (home / ".complete").write_text(name)
     return python
+
+
+def cache_home(name: str, dists: dict[str, md.Distribution], requirements: list[str], *, no_deps: bool,
+               constrained: bool) -> Path:
+    """The cache folder of a venv: keyed by the python, the versions it links, the folders
+    the links point into (a venv cached by a run from another checkout, another .venv path,
+    links into files that may be gone), and what was asked of pip."""
+    sites = sorted({str(Path(d.locate_file("")).resolve()) for d in dists.values()})
+    key = json.dumps({"py": sys.version, "dists": sorted(f"{n}=={d.version}" for n, d in dists.items()),
+                      "sites": sites, "requirements": requirements, "no_deps": no_deps, "constrained": constrained,
+                      "constraints": (REPO / "constraints.txt").read_text()}, sort_keys=True)
+    return CACHE / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def intact(home: Path) -> bool:
+    """Whether a cached venv still works: its python runs, every link of its runtime folder
+    resolves, and each distribution pip put in it has its files. A venv of the cache can
+    lose files under it (a link's target removed with the .venv it pointed into, a cache
+    pruned by hand); reusing it would fail later with an ImportError far from the cause
+    (CI at 06bbcf3: ``No module named 'yaml'``, ``No module named 'pydantic'``)."""
+    python = home / "bin" / "python"
+    runtime = home / "runtime"
+    if not python.exists() or not runtime.is_dir():
+        return False
+    if any(not link.exists() for link in runtime.iterdir()):  # exists() follows the link
+        return False
+    proc = subprocess.run([str(python), "-c", _CHECK_FILES], capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+# every file a distribution of the venv's own site-packages records is still there
+_CHECK_FILES = """
+import importlib.metadata as md, sys, sysconfig
+from pathlib import Path
+site = Path(sysconfig.get_paths()["purelib"]).resolve()
+for d in md.distributions(path=[str(site)]):
+    for f in d.files or []:
+        p = Path(d.locate_file(f))
+        if not str(f).startswith("..") and p.suffix in (".py", ".so") and not p.exists():
+            sys.exit(f"{d.metadata['Name']}: {f} missing")
+"""
 
 
 def _chmod_writable(root: Path) -> None:

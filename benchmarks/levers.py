@@ -1,0 +1,195 @@
+"""Which lever moves what: finished protocol runs compared step by step, with paired intervals.
+
+    python benchmarks/levers.py --step "NAME=RUNS_DIR[:MODEL]" --step ... [--reference "NAME=RUNS_DIR[:MODEL]"]
+                                [--work DIR] [--out FILE]
+
+Each ``--step`` is a configuration already run under ``benchmarks/quality.py`` (a runs dir
+of ``<model>-seed<N>.json`` result files; ``MODEL`` defaults to ``hymirec``), in the order
+the levers were added: the frozen-content model, then the item tower, then the schedule,
+then stage 1, and so on. Nothing is trained here: the result files carry each user's test
+rank and target, so every step is scored on the same users and targets as the others and
+the comparison costs seconds. Per step: the seeds, mean ± std over seeds of R@10 / N@10,
+the settings the runs were trained with (as recorded in their files), and paired bootstrap
+95% intervals (users resampled, each user's hit averaged over seeds first, as in
+``quality.py``) of this step - the previous step (what this lever adds), - the first step
+(what all levers so far add), and - the ``--reference`` (e.g. SASRec). ``--work`` (a
+protocol work dir holding ``sequences``) adds the cold and long-tail slices by the target's
+training users.
+
+Refuses, naming the step and file: a step with fewer than 2 seeds, seeds whose settings
+differ, and steps evaluated on other users or other targets (another split or catalog).
+Writes ``--out`` (default ``benchmarks/results/levers.json``) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (the protocol's metrics, alignment and interval: one place)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SLICES = {"": lambda n: True, "cold_": lambda n: n <= quality.COLD_MAX, "tail_": lambda n: n <= quality.TAIL_MAX}
+
+
+def parse_step(text: str) -> tuple[str, Path, str]:
+    """``NAME=RUNS_DIR[:MODEL]`` -> (name, runs dir, model)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise ValueError(f"step {text!r}: expected NAME=RUNS_DIR[:MODEL]")
+    match = re.fullmatch(r"(.+):([A-Za-z][A-Za-z0-9_-]*)", rest.strip())
+    folder, model = match.groups() if match and not Path(rest.strip()).exists() else (rest.strip(), "hymirec")
+    if model not in quality.MODELS:
+        raise ValueError(f"step {text!r}: unknown model {model!r}; known: {list(quality.MODELS)}")
+    return name.strip(), Path(folder), model
+
+
+def load_step(name: str, folder: Path, model: str) -> dict[int, dict[str, Any]]:
+    """The step's result files by seed; all seeds trained with the same settings."""
+    files = sorted(folder.glob(f"{model}-seed*.json"))
+    by_seed = {int(re.search(r"seed(\d+)", f.stem).group(1)): json.loads(f.read_text()) for f in files}
+    if len(by_seed) < 2:
+        raise ValueError(f"step {name!r}: {len(by_seed)} result file(s) of {model} in {folder}; a lever is "
+                         "measured over several seeds (at least 2)")
+    settings = {s: tuple(r.get("settings") or ()) for s, r in by_seed.items()}
+    if len(set(settings.values())) > 1:
+        raise ValueError(f"step {name!r}: the seeds in {folder} were trained with different settings {settings}")
+    return by_seed
+
+
+def per_user(name: str, by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Users, targets, per-seed R@10/N@10 and each user's hit/NDCG averaged over seeds."""
+    seeds = sorted(by_seed)
+    orders, users = quality.aligned_by_user(by_seed, seeds, f"step {name!r}")
+    targets = np.asarray(by_seed[seeds[0]]["target_ids"])[orders[seeds[0]]]
+    for s in seeds[1:]:
+        if not np.array_equal(np.asarray(by_seed[s]["target_ids"])[orders[s]], targets):
+            raise ValueError(f"step {name!r}: seed {s} has other test targets than seed {seeds[0]}")
+    hits, ndcgs = zip(*(quality.metrics_from_ranks(np.asarray(by_seed[s]["ranks"])[orders[s]]) for s in seeds))
+    return {"seeds": seeds, "users": users, "targets": targets, "hits": np.array(hits), "ndcgs": np.array(ndcgs),
+            "settings": list(by_seed[seeds[0]].get("settings") or []),
+            "epochs": [[by_seed[s].get("epochs"), by_seed[s].get("best_epoch")] for s in seeds]}
+
+
+def compare(steps: Sequence[tuple[str, dict[str, Any]]], reference: Optional[tuple[str, dict[str, Any]]],
+            popularity: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """The levers summary: per step and slice mean/std, and intervals vs previous, first, reference."""
+    everyone = [*steps, *([reference] if reference else [])]
+    first_name, first = everyone[0]
+    for name, step in everyone[1:]:
+        if not np.array_equal(step["users"], first["users"]):
+            raise ValueError(f"step {name!r} was evaluated on other test users than {first_name!r}")
+        if not np.array_equal(step["targets"], first["targets"]):
+            raise ValueError(f"step {name!r} has other test targets than {first_name!r} (another split?)")
+    train_users = np.array([(popularity or {}).get(t, 0) for t in first["targets"]])
+    slices = SLICES if popularity is not None else {"": SLICES[""]}
+    out: dict[str, Any] = {"k": quality.K, "slices": {}, "steps": [], "reference": None}
+    for prefix, keep in slices.items():
+        mask = np.array([keep(n) for n in train_users], dtype=bool)
+        out["slices"][prefix.rstrip("_") or "all"] = int(mask.sum())
+
+    def figures(step: dict[str, Any]) -> dict[str, Any]:
+        fig: dict[str, Any] = {"seeds": step["seeds"], "settings": step["settings"], "epochs": step["epochs"]}
+        for prefix, keep in slices.items():
+            mask = np.array([keep(n) for n in train_users], dtype=bool)
+            r, g = step["hits"][:, mask].mean(axis=1), step["ndcgs"][:, mask].mean(axis=1)
+            fig[f"{prefix}r10_mean"], fig[f"{prefix}r10_std"] = float(r.mean()), float(r.std(ddof=1))
+            fig[f"{prefix}n10_mean"], fig[f"{prefix}n10_std"] = float(g.mean()), float(g.std(ddof=1))
+        return fig
+
+    def intervals(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[float]]:
+        ci = {}
+        for prefix, keep in slices.items():
+            mask = np.array([keep(n) for n in train_users], dtype=bool)
+            for metric, key in (("r10", "hits"), ("n10", "ndcgs")):
+                ci[f"{prefix}{metric}_ci"] = list(quality.paired_bootstrap_ci(
+                    a[key].mean(axis=0)[mask], b[key].mean(axis=0)[mask]))
+        return ci
+
+    for i, (name, step) in enumerate(steps):
+        entry = {"name": name, **figures(step)}
+        if i:
+            entry["minus_previous"] = intervals(step, steps[i - 1][1])
+            entry["minus_first"] = intervals(step, first)
+        if reference:
+            entry["minus_reference"] = intervals(step, reference[1])
+        out["steps"].append(entry)
+    if reference:
+        out["reference"] = {"name": reference[0], **figures(reference[1])}
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    """A markdown table: one row per step (and the reference), overall and long tail."""
+    ref = summary["reference"]
+    tail = "tail" in summary["slices"]
+    head = ["step", "seeds", "R@10 mean ± std", "N@10 mean ± std", "R@10 − previous, 95% CI",
+            "N@10 − previous, 95% CI"]
+    if ref:
+        head += [f"R@10 − {ref['name']}, 95% CI", f"N@10 − {ref['name']}, 95% CI"]
+    if tail:
+        head += [f"long tail ({summary['slices']['tail']}) R@10"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def ci(entry: dict[str, Any], which: str, key: str) -> str:
+        low, high = entry.get(which, {}).get(key, (None, None))
+        return "—" if low is None else f"[{low:+.4f}, {high:+.4f}]"
+
+    for entry in [*summary["steps"], *([ref] if ref else [])]:
+        row = [entry["name"], str(len(entry["seeds"])), f"{entry['r10_mean']:.4f} ± {entry['r10_std']:.4f}",
+               f"{entry['n10_mean']:.4f} ± {entry['n10_std']:.4f}", ci(entry, "minus_previous", "r10_ci"),
+               ci(entry, "minus_previous", "n10_ci")]
+        if ref:
+            row += [ci(entry, "minus_reference", "r10_ci"), ci(entry, "minus_reference", "n10_ci")]
+        if tail:
+            row += [f"{entry['tail_r10_mean']:.4f} ± {entry['tail_r10_std']:.4f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--step", dest="steps", action="append", default=[], metavar="NAME=RUNS_DIR[:MODEL]")
+    parser.add_argument("--reference", default="", metavar="NAME=RUNS_DIR[:MODEL]")
+    parser.add_argument("--work", default="", help="a protocol work dir (its sequences give the slices)")
+    parser.add_argument("--out", default=str(RESULTS / "levers.json"))
+    args = parser.parse_args(argv)
+    if len(args.steps) < 2:
+        parser.error("give at least two --step (a lever is a step from one configuration to the next)")
+    popularity = None
+    if args.work:
+        from hymirec_udfs.core.config import load_config
+        from hymirec_udfs.core.spark import get_spark
+
+        cfg = load_config(["local"], ["tracking.enabled=false", f"paths.work_dir={args.work}"])
+        popularity = quality.training_popularity(get_spark(cfg), cfg)
+    try:
+        steps = [(name, per_user(name, load_step(name, folder, model)))
+                 for name, folder, model in map(parse_step, args.steps)]
+        reference = None
+        if args.reference:
+            name, folder, model = parse_step(args.reference)
+            reference = (name, per_user(name, load_step(name, folder, model)))
+        summary = compare(steps, reference, popularity)
+    except ValueError as err:
+        parser.error(str(err))
+    summary["command"] = " ".join(["python benchmarks/levers.py", *(f'--step "{s}"' for s in args.steps),
+                                   *([f'--reference "{args.reference}"'] if args.reference else []),
+                                   *([f"--work {args.work}"] if args.work else [])])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    print(table(summary))
+    print(f"wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

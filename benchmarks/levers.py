@@ -1,7 +1,7 @@
 """Which lever moves what: finished protocol runs compared step by step, with paired intervals.
 
-    python benchmarks/levers.py --step "NAME=RUNS_DIR[:MODEL]" --step ... [--reference "NAME=RUNS_DIR[:MODEL]"]
-                                [--work DIR] [--out FILE]
+    python benchmarks/levers.py [--step "NAME=RUNS_DIR[:MODEL]" --step ...] [--reference "NAME=RUNS_DIR[:MODEL]"]
+                                [--work DIR] [--out FILE] [--quick]
 
 Each ``--step`` is a configuration already run under ``benchmarks/quality.py`` (a runs dir
 of ``<model>-seed<N>.json`` result files; ``MODEL`` defaults to ``hymirec``), in the order
@@ -15,6 +15,10 @@ the settings the runs were trained with (as recorded in their files), and paired
 (what all levers so far add), and - the ``--reference`` (e.g. SASRec). ``--work`` (a
 protocol work dir holding ``sequences``) adds the cold and long-tail slices by the target's
 training users.
+
+Without ``--step``, the committed runs of ``benchmarks/results/`` in the order the levers
+were measured on ML-100K (:data:`DEFAULT_STEPS`, against SASRec at its usual settings):
+the README's lever table. ``--quick`` is the same (it reads files only: seconds).
 
 Refuses, naming the step and file: a step with fewer than 2 seeds, seeds whose settings
 differ, and steps evaluated on other users or other targets (another split or catalog).
@@ -36,6 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (the protocol's metrics, alignment and interval: one place)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The README's lever table: the committed protocol runs (3 seeds each, ML-100K, 943 users).
+DEFAULT_STEPS = (
+    f"frozen content (defaults)={RESULTS / 'runs'}",
+    f"+ mlp_id item tower, τ 0.1={RESULTS / 'sweep-winner' / 'runs'}",
+    f"mlp_id, τ 0.07, lr 0.002 on a 6-epoch schedule={RESULTS / 'lr002-e6' / 'runs'}",
+)
+DEFAULT_REFERENCE = f"SASRec (length 50, dropout 0.3)={RESULTS / 'lr002-e6' / 'runs'}:sasrec"
 SLICES = {"": lambda n: True, "cold_": lambda n: n <= quality.COLD_MAX, "tail_": lambda n: n <= quality.TAIL_MAX}
 
 
@@ -160,7 +171,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--reference", default="", metavar="NAME=RUNS_DIR[:MODEL]")
     parser.add_argument("--work", default="", help="a protocol work dir (its sequences give the slices)")
     parser.add_argument("--out", default=str(RESULTS / "levers.json"))
+    parser.add_argument("--quick", action="store_true", help="the default (it reads result files only)")
     args = parser.parse_args(argv)
+    given = [*(f'--step "{x}"' for x in args.steps), *([f'--reference "{args.reference}"'] if args.reference else []),
+             *([f"--work {args.work}"] if args.work else [])]
+    if not args.steps:
+        args.steps, args.reference = list(DEFAULT_STEPS), args.reference or DEFAULT_REFERENCE
     if len(args.steps) < 2:
         parser.error("give at least two --step (a lever is a step from one configuration to the next)")
     popularity = None
@@ -180,9 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         summary = compare(steps, reference, popularity)
     except ValueError as err:
         parser.error(str(err))
-    summary["command"] = " ".join(["python benchmarks/levers.py", *(f'--step "{s}"' for s in args.steps),
-                                   *([f'--reference "{args.reference}"'] if args.reference else []),
-                                   *([f"--work {args.work}"] if args.work else [])])
+    summary["command"] = " ".join(["python benchmarks/levers.py", *given])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -87,3 +87,14 @@ def test_what_is_refused_names_the_step(tmp_path: Path, capsys: pytest.CaptureFi
         err = capsys.readouterr().err
         assert __import__("re").search(message, err), (message, err)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_default_is_the_readme_table_from_the_committed_runs(tmp_path: Path) -> None:
+    summary = _levers().main(["--quick", "--out", str(tmp_path / "levers.json")])
+    names = [step["name"] for step in summary["steps"]]
+    assert names[0] == "frozen content (defaults)" and len(names) >= 3
+    by_name = {step["name"]: step for step in summary["steps"]}
+    assert by_name["frozen content (defaults)"]["r10_mean"] == pytest.approx(0.1227, abs=5e-5)
+    assert by_name["mlp_id, τ 0.07, lr 0.002 on a 6-epoch schedule"]["r10_mean"] == pytest.approx(0.1601, abs=5e-5)
+    assert summary["reference"]["r10_mean"] == pytest.approx(0.1750, abs=5e-5)
+    assert summary["command"] == "python benchmarks/levers.py"

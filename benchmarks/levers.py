@@ -45,6 +45,7 @@ DEFAULT_STEPS = (
     f"frozen content (defaults)={RESULTS / 'runs'}",
     f"+ mlp_id item tower, τ 0.1={RESULTS / 'sweep-winner' / 'runs'}",
     f"mlp_id, τ 0.07, lr 0.002 on a 6-epoch schedule={RESULTS / 'lr002-e6' / 'runs'}",
+    f"+ stage 1 (MiniLM fine-tuned 150 steps, catalog re-embedded)={RESULTS / 'stage1' / 'runs'}",
 )
 DEFAULT_REFERENCE = f"SASRec (length 50, dropout 0.3)={RESULTS / 'lr002-e6' / 'runs'}:sasrec"
 SLICES = {"": lambda n: True, "cold_": lambda n: n <= quality.COLD_MAX, "tail_": lambda n: n <= quality.TAIL_MAX}

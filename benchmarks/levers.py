@@ -1,15 +1,18 @@
 """Which lever moves what: finished protocol runs compared step by step, with paired intervals.
 
-    python benchmarks/levers.py [--step "NAME=RUNS_DIR[:MODEL]" --step ...] [--reference "NAME=RUNS_DIR[:MODEL]"]
+    python benchmarks/levers.py [--step "NAME=RUNS_DIR[:MODEL][@BASE]" --step ...] [--reference "NAME=RUNS_DIR[:MODEL]"]
                                 [--work DIR] [--out FILE] [--quick]
 
 Each ``--step`` is a configuration already run under ``benchmarks/quality.py`` (a runs dir
 of ``<model>-seed<N>.json`` result files; ``MODEL`` defaults to ``hymirec``), in the order
 the levers were added: the frozen-content model, then the item tower, then the schedule,
-then stage 1, and so on. Nothing is trained here: the result files carry each user's test
-rank and target, so every step is scored on the same users and targets as the others and
-the comparison costs seconds. Per step: the seeds, mean ± std over seeds of R@10 / N@10,
-the settings the runs were trained with (as recorded in their files), and paired bootstrap
+then stage 1, and so on. A step adds its lever to the step before it, or to the step named
+after ``@`` (``NAME=RUNS_DIR@BASE``: two levers tried on the same base). Nothing is
+trained here: the result files carry each user's test rank and target, so every step is
+scored on the same users and targets as the others and the comparison costs seconds.
+Per step: the seeds, mean ± std over seeds of R@10 / N@10,
+the settings the runs were trained with (as recorded in their files), the mean validation
+NDCG@10 (what chooses a setting; the test split never does), and paired bootstrap
 95% intervals (users resampled, each user's hit averaged over seeds first, as in
 ``quality.py``) of this step - the previous step (what this lever adds), - the first step
 (what all levers so far add), and - the ``--reference`` (e.g. SASRec). ``--work`` (a
@@ -46,21 +49,24 @@ DEFAULT_STEPS = (
     f"+ mlp_id item tower, τ 0.1={RESULTS / 'sweep-winner' / 'runs'}",
     f"mlp_id, τ 0.07, lr 0.002 on a 6-epoch schedule={RESULTS / 'lr002-e6' / 'runs'}",
     f"+ stage 1 (MiniLM fine-tuned 150 steps, catalog re-embedded)={RESULTS / 'stage1' / 'runs'}",
+    f"+ every training cut (no 50-per-user cap)={RESULTS / 'allcuts' / 'runs'}"
+    "@mlp_id, τ 0.07, lr 0.002 on a 6-epoch schedule",
 )
 DEFAULT_REFERENCE = f"SASRec (length 50, dropout 0.3)={RESULTS / 'lr002-e6' / 'runs'}:sasrec"
 SLICES = {"": lambda n: True, "cold_": lambda n: n <= quality.COLD_MAX, "tail_": lambda n: n <= quality.TAIL_MAX}
 
 
-def parse_step(text: str) -> tuple[str, Path, str]:
-    """``NAME=RUNS_DIR[:MODEL]`` -> (name, runs dir, model)."""
+def parse_step(text: str) -> tuple[str, Path, str, Optional[str]]:
+    """``NAME=RUNS_DIR[:MODEL][@BASE]`` -> (name, runs dir, model, base step or None)."""
     name, sep, rest = text.partition("=")
-    if not sep or not name.strip() or not rest.strip():
-        raise ValueError(f"step {text!r}: expected NAME=RUNS_DIR[:MODEL]")
+    rest, at, base = rest.partition("@")
+    if not sep or not name.strip() or not rest.strip() or (at and not base.strip()):
+        raise ValueError(f"step {text!r}: expected NAME=RUNS_DIR[:MODEL][@BASE]")
     match = re.fullmatch(r"(.+):([A-Za-z][A-Za-z0-9_-]*)", rest.strip())
     folder, model = match.groups() if match and not Path(rest.strip()).exists() else (rest.strip(), "hymirec")
     if model not in quality.MODELS:
         raise ValueError(f"step {text!r}: unknown model {model!r}; known: {list(quality.MODELS)}")
-    return name.strip(), Path(folder), model
+    return name.strip(), Path(folder), model, (base.strip() or None)
 
 
 def load_step(name: str, folder: Path, model: str) -> dict[int, dict[str, Any]]:
@@ -87,12 +93,15 @@ def per_user(name: str, by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     hits, ndcgs = zip(*(quality.metrics_from_ranks(np.asarray(by_seed[s]["ranks"])[orders[s]]) for s in seeds))
     return {"seeds": seeds, "users": users, "targets": targets, "hits": np.array(hits), "ndcgs": np.array(ndcgs),
             "settings": list(by_seed[seeds[0]].get("settings") or []),
+            "valid_n10": [by_seed[s].get("valid_n10") for s in seeds],
             "epochs": [[by_seed[s].get("epochs"), by_seed[s].get("best_epoch")] for s in seeds]}
 
 
 def compare(steps: Sequence[tuple[str, dict[str, Any]]], reference: Optional[tuple[str, dict[str, Any]]],
-            popularity: Optional[dict[str, int]] = None) -> dict[str, Any]:
-    """The levers summary: per step and slice mean/std, and intervals vs previous, first, reference."""
+            popularity: Optional[dict[str, int]] = None,
+            bases: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The levers summary: per step and slice mean/std, and intervals vs previous, first, reference.
+    ``bases`` names, for a step, the earlier step it adds its lever to (default: the one before)."""
     everyone = [*steps, *([reference] if reference else [])]
     first_name, first = everyone[0]
     for name, step in everyone[1:]:
@@ -108,7 +117,10 @@ def compare(steps: Sequence[tuple[str, dict[str, Any]]], reference: Optional[tup
         out["slices"][prefix.rstrip("_") or "all"] = int(mask.sum())
 
     def figures(step: dict[str, Any]) -> dict[str, Any]:
-        fig: dict[str, Any] = {"seeds": step["seeds"], "settings": step["settings"], "epochs": step["epochs"]}
+        valid = [v for v in step["valid_n10"] if v is not None]
+        fig: dict[str, Any] = {"seeds": step["seeds"], "settings": step["settings"], "epochs": step["epochs"],
+                               # what chooses a setting (the test split never does)
+                               "valid_n10_mean": float(np.mean(valid)) if valid else None}
         for prefix, keep in slices.items():
             mask = np.array([keep(n) for n in train_users], dtype=bool)
             r, g = step["hits"][:, mask].mean(axis=1), step["ndcgs"][:, mask].mean(axis=1)
@@ -125,14 +137,20 @@ def compare(steps: Sequence[tuple[str, dict[str, Any]]], reference: Optional[tup
                     a[key].mean(axis=0)[mask], b[key].mean(axis=0)[mask]))
         return ci
 
+    earlier: dict[str, dict[str, Any]] = {}
     for i, (name, step) in enumerate(steps):
         entry = {"name": name, **figures(step)}
         if i:
-            entry["minus_previous"] = intervals(step, steps[i - 1][1])
+            base = (bases or {}).get(name) or steps[i - 1][0]
+            if base not in earlier:
+                raise ValueError(f"step {name!r}: its base {base!r} is not an earlier step ({list(earlier)})")
+            entry["previous"] = base
+            entry["minus_previous"] = intervals(step, earlier[base])
             entry["minus_first"] = intervals(step, first)
         if reference:
             entry["minus_reference"] = intervals(step, reference[1])
         out["steps"].append(entry)
+        earlier[name] = step
     if reference:
         out["reference"] = {"name": reference[0], **figures(reference[1])}
     return out
@@ -142,7 +160,7 @@ def table(summary: dict[str, Any]) -> str:
     """A markdown table: one row per step (and the reference), overall and long tail."""
     ref = summary["reference"]
     tail = "tail" in summary["slices"]
-    head = ["step", "seeds", "R@10 mean ± std", "N@10 mean ± std", "R@10 − previous, 95% CI",
+    head = ["step", "seeds", "valid N@10", "R@10 mean ± std", "N@10 mean ± std", "R@10 − previous, 95% CI",
             "N@10 − previous, 95% CI"]
     if ref:
         head += [f"R@10 − {ref['name']}, 95% CI", f"N@10 − {ref['name']}, 95% CI"]
@@ -154,8 +172,13 @@ def table(summary: dict[str, Any]) -> str:
         low, high = entry.get(which, {}).get(key, (None, None))
         return "—" if low is None else f"[{low:+.4f}, {high:+.4f}]"
 
-    for entry in [*summary["steps"], *([ref] if ref else [])]:
-        row = [entry["name"], str(len(entry["seeds"])), f"{entry['r10_mean']:.4f} ± {entry['r10_std']:.4f}",
+    rows = [*summary["steps"], *([ref] if ref else [])]
+    for i, entry in enumerate(rows):
+        name = entry["name"]
+        if entry.get("previous") and entry["previous"] != rows[i - 1]["name"]:
+            name += f" (on {entry['previous']})"
+        valid = "—" if entry.get("valid_n10_mean") is None else f"{entry['valid_n10_mean']:.4f}"
+        row = [name, str(len(entry["seeds"])), valid, f"{entry['r10_mean']:.4f} ± {entry['r10_std']:.4f}",
                f"{entry['n10_mean']:.4f} ± {entry['n10_std']:.4f}", ci(entry, "minus_previous", "r10_ci"),
                ci(entry, "minus_previous", "n10_ci")]
         if ref:
@@ -188,13 +211,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         cfg = load_config(["local"], ["tracking.enabled=false", f"paths.work_dir={args.work}"])
         popularity = quality.training_popularity(get_spark(cfg), cfg)
     try:
-        steps = [(name, per_user(name, load_step(name, folder, model)))
-                 for name, folder, model in map(parse_step, args.steps)]
+        parsed = [parse_step(text) for text in args.steps]
+        steps = [(name, per_user(name, load_step(name, folder, model))) for name, folder, model, _ in parsed]
         reference = None
         if args.reference:
-            name, folder, model = parse_step(args.reference)
+            name, folder, model, _ = parse_step(args.reference)
             reference = (name, per_user(name, load_step(name, folder, model)))
-        summary = compare(steps, reference, popularity)
+        summary = compare(steps, reference, popularity, {name: base for name, _, _, base in parsed if base})
     except ValueError as err:
         parser.error(str(err))
     summary["command"] = " ".join(["python benchmarks/levers.py", *given])

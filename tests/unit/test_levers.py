@@ -51,7 +51,7 @@ def test_steps_by_hand_and_the_sign_of_each_lever(tmp_path: Path) -> None:
     assert first["settings"] == ["train.lr=0.001"] and first["epochs"] == [[5, 3], [5, 3]]
     assert json.loads((tmp_path / "levers.json").read_text())["steps"][1]["name"] == "better"
     table = lv.table(summary).splitlines()
-    assert len(table) == 5 and table[2].startswith("| base | 2 | 0.1875 ± 0.0884")
+    assert len(table) == 5 and table[2].startswith("| base | 2 | — | 0.1875 ± 0.0884")
 
 
 def test_slices_by_training_users() -> None:
@@ -98,3 +98,21 @@ def test_the_default_is_the_readme_table_from_the_committed_runs(tmp_path: Path)
     assert by_name["mlp_id, τ 0.07, lr 0.002 on a 6-epoch schedule"]["r10_mean"] == pytest.approx(0.1601, abs=5e-5)
     assert summary["reference"]["r10_mean"] == pytest.approx(0.1750, abs=5e-5)
     assert summary["command"] == "python benchmarks/levers.py"
+
+
+def test_a_step_can_name_its_base(tmp_path: Path) -> None:
+    """Two levers tried on the same base: each is compared with that base, not with the other."""
+    lv = _levers()
+    base = _write(tmp_path / "base", "hymirec", {0: [1] * 10 + [50] * 30, 1: [1] * 10 + [50] * 30})
+    worse = _write(tmp_path / "worse", "hymirec", {0: [50] * 40, 1: [50] * 40})
+    better = _write(tmp_path / "better", "hymirec", {0: [1] * 30 + [50] * 10, 1: [1] * 30 + [50] * 10})
+    summary = lv.main(["--step", f"base={base}", "--step", f"worse={worse}", "--step", f"better={better}@base",
+                       "--out", str(tmp_path / "levers.json")])
+    worse_, better_ = summary["steps"][1:]
+    assert worse_["previous"] == "base" and better_["previous"] == "base"
+    low, high = better_["minus_previous"]["r10_ci"]
+    assert low <= 0.5 <= high < 0.75  # 0.75 - 0.25 (better - base), not 0.75 - 0 (better - worse)
+    assert "better (on base)" in lv.table(summary)
+    with pytest.raises(ValueError, match="its base 'later' is not an earlier step"):
+        lv.compare([("a", lv.per_user("a", lv.load_step("a", base, "hymirec")))] * 1
+                   + [("b", lv.per_user("b", lv.load_step("b", better, "hymirec")))], None, None, {"b": "later"})

@@ -21,7 +21,8 @@ training users.
 
 Without ``--step``, the committed runs of ``benchmarks/results/`` in the order the levers
 were measured on ML-100K (:data:`DEFAULT_STEPS`, against SASRec at its usual settings):
-the README's lever table. ``--quick`` is the same (it reads files only: seconds).
+the README's lever table. ``--quick`` is the same (it reads files only: seconds) but writes
+``levers-quick.json``, so ``make bench`` leaves the committed table alone.
 
 Refuses, naming the step and file: a step with fewer than 2 seeds, seeds whose settings
 differ, and steps evaluated on other users or other targets (another split or catalog).
@@ -194,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--step", dest="steps", action="append", default=[], metavar="NAME=RUNS_DIR[:MODEL]")
     parser.add_argument("--reference", default="", metavar="NAME=RUNS_DIR[:MODEL]")
     parser.add_argument("--work", default="", help="a protocol work dir (its sequences give the slices)")
-    parser.add_argument("--out", default=str(RESULTS / "levers.json"))
+    parser.add_argument("--out", default="", help="default benchmarks/results/levers.json (levers-quick.json)")
     parser.add_argument("--quick", action="store_true", help="the default (it reads result files only)")
     args = parser.parse_args(argv)
     given = [*(f'--step "{x}"' for x in args.steps), *([f'--reference "{args.reference}"'] if args.reference else []),
@@ -221,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     except ValueError as err:
         parser.error(str(err))
     summary["command"] = " ".join(["python benchmarks/levers.py", *given])
-    out = Path(args.out)
+    # --quick (make bench) never overwrites the committed table, which has the slices
+    out = Path(args.out or RESULTS / ("levers-quick.json" if args.quick else "levers.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, sort_keys=True))
     print(table(summary))

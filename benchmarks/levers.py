@@ -54,7 +54,7 @@ DEFAULT_STEPS = (
     "@mlp_id, τ 0.07, lr 0.002 on a 6-epoch schedule",
 )
 DEFAULT_REFERENCE = f"SASRec (length 50, dropout 0.3)={RESULTS / 'lr002-e6' / 'runs'}:sasrec"
-SLICES = {"": lambda n: True, "cold_": lambda n: n <= quality.COLD_MAX, "tail_": lambda n: n <= quality.TAIL_MAX}
+SLICES = ("", "cold_", "tail_")  # of quality.SLICES (the unseen slice is empty under leave-one-out)
 
 
 def parse_step(text: str) -> tuple[str, Path, str, Optional[str]]:
@@ -111,32 +111,26 @@ def compare(steps: Sequence[tuple[str, dict[str, Any]]], reference: Optional[tup
         if not np.array_equal(step["targets"], first["targets"]):
             raise ValueError(f"step {name!r} has other test targets than {first_name!r} (another split?)")
     train_users = np.array([(popularity or {}).get(t, 0) for t in first["targets"]])
-    slices = SLICES if popularity is not None else {"": SLICES[""]}
-    out: dict[str, Any] = {"k": quality.K, "slices": {}, "steps": [], "reference": None}
-    for prefix, keep in slices.items():
-        mask = np.array([keep(n) for n in train_users], dtype=bool)
-        out["slices"][prefix.rstrip("_") or "all"] = int(mask.sum())
+    masks = {prefix: np.array([quality.SLICES[prefix](n) for n in train_users], dtype=bool)
+             for prefix in (SLICES if popularity is not None else ("",))}
+    out: dict[str, Any] = {"k": quality.K, "steps": [], "reference": None,
+                           "slices": {prefix.rstrip("_") or "all": int(mask.sum()) for prefix, mask in masks.items()}}
 
     def figures(step: dict[str, Any]) -> dict[str, Any]:
         valid = [v for v in step["valid_n10"] if v is not None]
         fig: dict[str, Any] = {"seeds": step["seeds"], "settings": step["settings"], "epochs": step["epochs"],
                                # what chooses a setting (the test split never does)
                                "valid_n10_mean": float(np.mean(valid)) if valid else None}
-        for prefix, keep in slices.items():
-            mask = np.array([keep(n) for n in train_users], dtype=bool)
+        for prefix, mask in masks.items():
             r, g = step["hits"][:, mask].mean(axis=1), step["ndcgs"][:, mask].mean(axis=1)
             fig[f"{prefix}r10_mean"], fig[f"{prefix}r10_std"] = float(r.mean()), float(r.std(ddof=1))
             fig[f"{prefix}n10_mean"], fig[f"{prefix}n10_std"] = float(g.mean()), float(g.std(ddof=1))
         return fig
 
     def intervals(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[float]]:
-        ci = {}
-        for prefix, keep in slices.items():
-            mask = np.array([keep(n) for n in train_users], dtype=bool)
-            for metric, key in (("r10", "hits"), ("n10", "ndcgs")):
-                ci[f"{prefix}{metric}_ci"] = list(quality.paired_bootstrap_ci(
-                    a[key].mean(axis=0)[mask], b[key].mean(axis=0)[mask]))
-        return ci
+        return {f"{prefix}{metric}_ci": list(quality.paired_bootstrap_ci(a[key].mean(axis=0)[mask],
+                                                                          b[key].mean(axis=0)[mask]))
+                for prefix, mask in masks.items() for metric, key in (("r10", "hits"), ("n10", "ndcgs"))}
 
     earlier: dict[str, dict[str, Any]] = {}
     for i, (name, step) in enumerate(steps):

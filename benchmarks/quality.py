@@ -60,6 +60,9 @@ BOOTSTRAP = 2000
 # Slices by the target item's number of training users.
 COLD_MAX = 5
 TAIL_MAX = 20
+# Summary key prefix -> whether a target with that many training users is in the slice.
+SLICES = {"": lambda n: True, "cold_": lambda n: n <= COLD_MAX, "tail_": lambda n: n <= TAIL_MAX,
+          "unseen_": lambda n: n == 0}
 
 # Override sections that say where a run writes and how it is tracked, not what it trains
 # (left out of a run's settings).
@@ -132,8 +135,7 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
     """The flat summary: per model and slice mean/std over seeds, paired intervals vs SASRec."""
     out: dict[str, Any] = {"seeds": list(seeds), "k": K, "cold_max_train_users": COLD_MAX,
                            "tail_max_train_users": TAIL_MAX}
-    slices = {"": lambda n: True, "cold_": lambda n: n <= COLD_MAX, "tail_": lambda n: n <= TAIL_MAX,
-              "unseen_": lambda n: n == 0}
+    slices = SLICES
     per_user: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for model, by_seed in runs.items():
         orders, users = aligned_by_user(by_seed, seeds, model)

@@ -48,6 +48,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -142,6 +143,12 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
         targets = np.asarray(by_seed[seeds[0]]["target_ids"])[orders[seeds[0]]]
         hits, ndcgs = zip(*(metrics_from_ranks(np.asarray(by_seed[s]["ranks"])[orders[s]]) for s in seeds))
         train_users = np.array([popularity.get(t, 0) for t in targets])
+        # Each user's rank averaged over seeds (0, a target absent from the catalog, left out):
+        # where every model misses the top 10 (the unseen slice) it still says who ranks closer.
+        ranks = np.array([np.asarray(by_seed[s]["ranks"], dtype=np.float64)[orders[s]] for s in seeds])
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-absent users and empty slices: nan
+            user_rank = np.nanmean(np.where(ranks >= 1, ranks, np.nan), axis=0)
         for prefix, keep in slices.items():
             mask = np.array([keep(n) for n in train_users], dtype=bool)
             r = np.array([h[mask].mean() if mask.any() else math.nan for h in hits])
@@ -151,6 +158,8 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
             out[f"{prefix}{model}_n10_mean"] = float(np.mean(g))
             out[f"{prefix}{model}_n10_std"] = float(np.std(g, ddof=1)) if len(g) > 1 else 0.0
             out[f"{prefix}users"] = int(mask.sum())
+            ranked = user_rank[mask][~np.isnan(user_rank[mask])]
+            out[f"{prefix}{model}_median_rank"] = float(np.median(ranked)) if ranked.size else None
             per_user[(prefix, model)] = {
                 "users": users[mask], "hit": np.mean(hits, axis=0)[mask], "ndcg": np.mean(ndcgs, axis=0)[mask]}
     # HyMiRec against every other model (SASRec, HLLM), paired over the same users
@@ -166,12 +175,13 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
 
 def table(summary: dict[str, Any], models: Sequence[str]) -> str:
     """Readable table: mean ± std over seeds per model and slice."""
-    lines = [f"{'slice':<8} {'model':<8} {'R@10':>17} {'N@10':>17}  users"]
+    lines = [f"{'slice':<8} {'model':<8} {'R@10':>17} {'N@10':>17}  users  median rank"]
     for prefix, name in (("", "all"), ("cold_", "cold"), ("tail_", "tail"), ("unseen_", "unseen")):
         for m in models:
+            median = summary.get(f"{prefix}{m}_median_rank")
             lines.append(f"{name:<8} {m:<8} {summary[f'{prefix}{m}_r10_mean']:.4f} ± {summary[f'{prefix}{m}_r10_std']:.4f}"
                          f"  {summary[f'{prefix}{m}_n10_mean']:.4f} ± {summary[f'{prefix}{m}_n10_std']:.4f}"
-                         f"  {summary[f'{prefix}users']}")
+                         f"  {summary[f'{prefix}users']:>5}  {'—' if median is None else f'{median:g}'}")
         for other in [m for m in models if m != "hymirec"]:
             ci = summary.get(f"{prefix}hymirec_minus_{other}_r10_ci")
             if ci:

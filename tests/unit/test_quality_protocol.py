@@ -45,8 +45,13 @@ def test_summary_slices_and_mismatched_users_fail() -> None:
     assert summary["cold_users"] == 1 and summary["cold_hymirec_r10_mean"] == 1.0 and summary["cold_sasrec_r10_mean"] == 0.0
     assert summary["cold_hymirec_minus_sasrec_r10_ci"] == [1.0, 1.0]
     assert summary["unseen_users"] == 0  # every target has a training user here
+    # median over users of each user's rank averaged over seeds: hymirec 1.5, 55, 2.5
+    assert summary["hymirec_median_rank"] == 2.5 and summary["cold_hymirec_median_rank"] == 1.5
+    assert summary["cold_sasrec_median_rank"] == 35.0 and summary["unseen_sasrec_median_rank"] is None
     unseen = q.summarise(runs, {"hot": 500}, [0, 1])  # "cold" never seen in training
     assert unseen["unseen_users"] == 1 and unseen["unseen_hymirec_r10_mean"] == 1.0
+    absent = q.summarise({"hymirec": {0: run([0, 7, 0]), 1: run([0, 9, 4])}}, {}, [0, 1])
+    assert absent["hymirec_median_rank"] == 6.0  # rank 0 (absent) left out: users at 8 and 4
     runs["sasrec"][1] = {**run([1, 1, 1]), "user_ids": ["u1", "u2", "u9"]}
     with pytest.raises(ValueError, match="other test users"):
         q.summarise(runs, {}, [0, 1])

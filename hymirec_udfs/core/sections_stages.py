@@ -228,6 +228,12 @@ class ModelConfig:
         sampled_negatives: uniform negatives per batch of SASRec's sampled softmax.
         item_adapter: trainable item side used for ranking (:class:`~hymirec_udfs.core.choices.ItemAdapter`):
             ``none`` (frozen content embeddings), ``mlp`` or ``mlp_id``.
+        item_id_trained_only: with ``mlp_id``, only items that are a target of some
+            training sample get their ID residual; the others are scored by content through
+            the MLP, as items added after training are. Without it, an item no one
+            interacted with in training gets its residual from sampled negatives alone,
+            which pushes it down every list (on the ML-100K time split its median rank was
+            1250 of 1,682 with, 662 for frozen content).
     """
 
     interests: int = 2
@@ -249,6 +255,7 @@ class ModelConfig:
     full_softmax_max_items: int = 200_000
     sampled_negatives: int = 8192
     item_adapter: str = "none"
+    item_id_trained_only: bool = False
 
 
 @dataclass

@@ -320,6 +320,31 @@ class HyMiRec(nn.Module):
         if kind == ItemAdapter.MLP_ID:
             self.item_id = nn.Embedding(self.n_items + 1, self.dim, padding_idx=0)
             nn.init.zeros_(self.item_id.weight)
+            # Which rows of the ID table are used (``model.item_id_trained_only``; set by
+            # training from its targets, :meth:`set_item_id_live`). One byte per item,
+            # saved with the model; all live by default, as before the setting existed.
+            self.register_buffer("item_id_live", torch.ones(self.n_items + 1, dtype=torch.bool))
+            self.register_load_state_dict_pre_hook(self._default_item_id_live)
+
+    def _default_item_id_live(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """A model saved before ``item_id_live`` existed used every row of its ID table."""
+        state_dict.setdefault(prefix + "item_id_live", torch.ones(self.n_items + 1, dtype=torch.bool))
+
+    def set_item_id_live(self, live: torch.Tensor) -> None:
+        """Use the ID residual only for the items where ``live`` (``(N+1,)`` bool) is set;
+        the other rows get neither a residual nor a gradient (they stay zero)."""
+        if self.item_id is None:
+            raise ValueError("set_item_id_live needs model.item_adapter=mlp_id (an ID table)")
+        if live.shape != self.item_id_live.shape:
+            raise ValueError(f"item_id_live must have shape {tuple(self.item_id_live.shape)}, got {tuple(live.shape)}")
+        self.item_id_live.copy_(live.to(torch.bool))
+
+    def _item_residual(self, idx: torch.Tensor) -> torch.Tensor:
+        """The ID residual of ``idx`` (zero for padding and for rows that are not live)."""
+        residual = self.item_id(idx)
+        if self.cfg.item_id_trained_only:
+            residual = residual * self.item_id_live[idx][..., None]
+        return residual
 
     @property
     def has_item_adapter(self) -> bool:
@@ -336,7 +361,7 @@ class HyMiRec(nn.Module):
             return emb
         out = emb + self.adapter(emb)
         if self.item_id is not None:
-            out = out + self.item_id(idx)
+            out = out + self._item_residual(idx)
         return F.normalize(out.float(), dim=-1) * (idx != 0)[..., None]
 
     def ranking_vectors(self, content: torch.Tensor, model_idx: torch.Tensor) -> torch.Tensor:
@@ -358,7 +383,7 @@ class HyMiRec(nn.Module):
             return F.normalize(content, dim=-1)
         out = content + self.adapter(content)
         if self.item_id is not None:
-            out = out + self.item_id(model_idx)  # the padding row 0 is zero and never trained
+            out = out + self._item_residual(model_idx)  # the padding row 0 is zero and never trained
         return F.normalize(out, dim=-1)
 
     def content(self, idx: torch.Tensor) -> torch.Tensor:

@@ -312,6 +312,47 @@ def test_item_adapter_starts_as_identity_trains_and_ranks(kind: str, model_type:
     torch.testing.assert_close(model.item_vectors_of(idx), model.item_vectors()[idx])
 
 
+def test_item_id_trained_only_leaves_untrained_items_to_content() -> None:
+    """Items that are never a training target keep no ID residual: no gradient from being a
+    sampled negative, and they are ranked by content through the MLP like a new item."""
+    store = make_store()
+    cfg = dataclasses.replace(TINY, item_adapter="mlp_id", item_id_trained_only=True)
+    model = _build(cfg=cfg, store=store)
+    targets = torch.tensor([[13, 14, 15], [16, 17, 0], [18, 0, 0]])
+    live = torch.zeros(N_ITEMS + 1, dtype=torch.bool)
+    live[targets[targets != 0]] = True
+    model.set_item_id_live(live)
+    neg = torch.tensor([1, 2, 3, 13, 19, 20, 21, 22])  # 13 is live, the rest are negatives only
+    batch = SimpleNamespace(long_idx=LONG, recent_idx=RECENT, target_idx=targets, target_mask=targets != 0)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model_loss(model, batch, DmilConfig(negatives=8), neg)[0].backward()
+    grad = model.item_id.weight.grad
+    assert grad[13].abs().sum() > 0 and grad[18].abs().sum() > 0
+    assert grad[~live].abs().sum() == 0  # a negative-only row learns nothing
+    opt.step()
+    model.eval()
+    assert model.item_id.weight[~live].abs().sum() == 0 and model.item_id.weight[13].abs().sum() > 0
+    content = store.embeddings[1:].astype(np.float32)
+    as_known = model.ranking_vectors(torch.from_numpy(content), torch.arange(1, N_ITEMS + 1))
+    as_new = model.ranking_vectors(torch.from_numpy(content), torch.zeros(N_ITEMS, dtype=torch.long))
+    dead = ~live[1:]
+    torch.testing.assert_close(as_known[dead], as_new[dead])  # untrained = scored like a new item
+    assert not torch.allclose(as_known[13 - 1], as_new[13 - 1])
+    torch.testing.assert_close(model.item_vectors()[1:], as_known)
+    # the mask is saved with the model; a model saved before it existed uses every row
+    again = _build(cfg=cfg, store=store)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.item_id_live, live)
+    old = {k: v for k, v in model.state_dict().items() if k != "item_id_live"}
+    again.load_state_dict(old)
+    assert bool(again.item_id_live.all())
+    with pytest.raises(ValueError, match="shape"):
+        model.set_item_id_live(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mlp_id"):
+        _build(cfg=dataclasses.replace(TINY, item_adapter="mlp")).set_item_id_live(live)
+
+
 def test_item_adapter_rejects_unknown_kind() -> None:
     with pytest.raises(ValueError, match="model.item_adapter must be one of"):
         _build(cfg=dataclasses.replace(TINY, item_adapter="tower"))

@@ -217,6 +217,46 @@ def test_training_with_k_cuts_per_epoch_is_deterministic_and_smaller(toy, tmp_pa
     assert first["train_samples"] < full["train_samples"]
 
 
+@pytest.mark.parametrize("cap,stride", [(0, 1), (2, 2)])
+def test_target_item_mask_is_the_union_of_the_samples_targets(tmp_path, cap: int, stride: int) -> None:
+    store = make_store()
+    path = write_parts(tmp_path, make_rows(n_users=6), 2)
+    ds = SequenceDataset(path, store, split="train", max_long=5, recent_window=3, window_targets=3, stride=stride,
+                         max_samples_per_user=cap)
+    expected = np.zeros(N_ITEMS + 1, dtype=bool)
+    for i in range(len(ds)):
+        expected[ds.sample(i)[2]] = True
+    assert 0 < expected.sum() < N_ITEMS and np.array_equal(ds.target_item_mask(N_ITEMS + 1), expected)
+    assert not expected[0]  # never the padding row
+    empty = SequenceDataset(write_parts(tmp_path / "one", [_row("a", ["m1"], 1, 1)], 1), store, split="train")
+    assert len(empty) == 0 and not empty.target_item_mask(N_ITEMS + 1).any()
+
+
+def test_ddp_training_keeps_untrained_items_id_rows_at_zero(toy, tmp_path) -> None:
+    """model.item_id_trained_only over 2 ranks: the mask is every rank's targets (not
+    rank 0's), and rows of items no one trains on stay zero (negatives only)."""
+    rows = []
+    for r in make_rows():  # items m34..m39 never appear: catalog items no one interacted with
+        items = [i for i in r["item_ids"] if int(i[1:]) < N_ITEMS - 6]
+        rows.append(_row(r["user_id"], items, len(items) - 2, len(items) - 1))
+    files = write_parts(tmp_path / "seq", rows, 2)
+    cfg = dataclasses.replace(TINY, item_adapter="mlp_id", item_id_trained_only=True)
+    results = train_local_processes(
+        2, model_type="hymirec", model_cfg=cfg, dmil_cfg=DMIL,
+        train_cfg=dataclasses.replace(TRAIN, epochs=1, torch_threads=1),
+        item_store_path=toy.store_path, train_files=files, valid_files=files,
+        checkpoint_dir=str(tmp_path / "ddp"), metrics_path=str(tmp_path / "ddp.jsonl"), **WINDOW)
+    state = load_checkpoint(results[0]["last_checkpoint"])["model_state"]
+    union = SequenceDataset(files, toy.store, split="train", **WINDOW).target_item_mask(N_ITEMS + 1)
+    rank0 = SequenceDataset(files, toy.store, split="train", rank=0, world_size=2, **WINDOW).target_item_mask(
+        N_ITEMS + 1)
+    assert not np.array_equal(union, rank0)  # each rank alone would miss items
+    live = state["item_id_live"].numpy()
+    assert np.array_equal(live, union) and not live[N_ITEMS - 5:].any()
+    table = state["item_id.weight"]
+    assert table[torch.from_numpy(~live)].abs().sum() == 0 and table[torch.from_numpy(live)].abs().sum() > 0
+
+
 def test_dataset_unknown_item_names_user_and_id(tmp_path) -> None:
     path = write_parts(tmp_path, [_row("u1", ["m1", "m2", "ghost-7"], 3, 3)], 1)
     with pytest.raises(KeyError, match=r"item_ids.*u1.*ghost-7"):

@@ -146,8 +146,8 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
         # Each user's rank averaged over seeds (0, a target absent from the catalog, left out):
         # where every model misses the top 10 (the unseen slice) it still says who ranks closer.
         ranks = np.array([np.asarray(by_seed[s]["ranks"], dtype=np.float64)[orders[s]] for s in seeds])
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-absent users and empty slices: nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a user absent on every seed: nan
             user_rank = np.nanmean(np.where(ranks >= 1, ranks, np.nan), axis=0)
         for prefix, keep in slices.items():
             mask = np.array([keep(n) for n in train_users], dtype=bool)
@@ -158,7 +158,7 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], popularity: dict[str, 
             out[f"{prefix}{model}_n10_mean"] = float(np.mean(g))
             out[f"{prefix}{model}_n10_std"] = float(np.std(g, ddof=1)) if len(g) > 1 else 0.0
             out[f"{prefix}users"] = int(mask.sum())
-            ranked = user_rank[mask][~np.isnan(user_rank[mask])]
+            ranked = user_rank[mask & ~np.isnan(user_rank)]
             out[f"{prefix}{model}_median_rank"] = float(np.median(ranked)) if ranked.size else None
             per_user[(prefix, model)] = {
                 "users": users[mask], "hit": np.mean(hits, axis=0)[mask], "ndcg": np.mean(ndcgs, axis=0)[mask]}

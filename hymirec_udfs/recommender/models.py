@@ -310,6 +310,8 @@ class HyMiRec(nn.Module):
         """
         if kind not in ItemAdapter.values():
             raise ValueError(f"model.item_adapter must be one of {ItemAdapter.values()}, got {kind!r}")
+        if self.cfg.item_id_trained_only and kind != ItemAdapter.MLP_ID:
+            raise ValueError(f"model.item_id_trained_only needs model.item_adapter=mlp_id (an ID table), got {kind!r}")
         self.adapter = None
         self.item_id = None
         if kind == ItemAdapter.NONE:

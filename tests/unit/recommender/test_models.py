@@ -351,6 +351,8 @@ def test_item_id_trained_only_leaves_untrained_items_to_content() -> None:
         model.set_item_id_live(torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="mlp_id"):
         _build(cfg=dataclasses.replace(TINY, item_adapter="mlp")).set_item_id_live(live)
+    with pytest.raises(ValueError, match="model.item_id_trained_only needs model.item_adapter=mlp_id"):
+        _build(cfg=dataclasses.replace(TINY, item_adapter="mlp", item_id_trained_only=True))
 
 
 def test_item_adapter_rejects_unknown_kind() -> None:

@@ -306,6 +306,11 @@ def _validate(cfg: Config) -> None:
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"'{dotted}' must be >= 0 (0: no limit)")
+    # Also refused where a model is built from a ModelConfig directly (library use); here it
+    # fails before any stage has run.
+    if cfg.model.item_id_trained_only and cfg.model.item_adapter != "mlp_id":
+        raise ConfigError(f"'model.item_id_trained_only' needs 'model.item_adapter=mlp_id', "
+                          f"got {cfg.model.item_adapter!r}")
 
 
 def dump_config(cfg: Config) -> str:

@@ -65,6 +65,15 @@ def test_closed_choices_are_checked() -> None:
         load_config([], ["train.epochs"])
 
 
+def test_item_id_trained_only_without_an_id_table_is_refused_at_load() -> None:
+    # At load time, before any stage runs: not after ingest, embedding and the codebook.
+    needs = r"'model\.item_id_trained_only' needs 'model\.item_adapter=mlp_id', got 'mlp'"
+    with pytest.raises(ConfigError, match=needs):
+        load_config([], ["model.item_id_trained_only=true", "model.item_adapter=mlp"])
+    cfg = load_config([], ["model.item_id_trained_only=true", "model.item_adapter=mlp_id"])
+    assert cfg.model.item_id_trained_only and cfg.model.item_adapter == "mlp_id"
+
+
 def test_dump_round_trips_and_hash_tracks_sections() -> None:
     cfg = load_config(["local"])
     assert yaml.safe_load(dump_config(cfg))["codebook"]["ks"] == [32, 32, 32]
